@@ -1,0 +1,620 @@
+"""Image bytes <-> float arrays, with the archive's awkward cases handled explicitly.
+
+Bytes in, bytes out: no filesystems, no Ray. Every way an input can be bad (empty, not an
+image, truncated, too many pixels, unsupported mode) raises `ImageDecodeError` with a short
+reason, so a job records a failed row instead of crashing.
+
+Decisions worth knowing:
+- The pixel limit is checked against the header's width x height before any pixel is decoded
+  (Pillow opens lazily). Pillow's process-global MAX_IMAGE_PIXELS check is bypassed at open on
+  purpose (the limit is a per-call argument here), but Pillow still applies it inside its WEBP
+  and tiled-TIFF readers: a max_pixels above 2 * Image.MAX_IMAGE_PIXELS (179 M) needs that raised.
+- Only PNG, JPEG, WEBP, TIFF and BMP are opened; Pillow's exotic plugins (EPS shells out to
+  Ghostscript) are never reached from archive bytes.
+- EXIF orientation is applied to the pixels (ImageOps.exif_transpose semantics) and the
+  Orientation tag is removed from the EXIF that is kept for the output.
+- 16-bit colour: Pillow reduces 16-bit colour PNG/TIFF to 8 bits. TIFF is read with tifffile;
+  PNG (and TIFF that tifffile cannot decompress without imagecodecs, such as LZW) is read by
+  running Pillow's own decoder twice, once unpacking the high bytes and once the low bytes of each
+  sample. If neither works, the image is decoded at 8 bits and a note says so.
+- JPEG and BMP keep no alpha (Pillow's BMP writer stores a fourth byte that readers, Pillow included,
+  ignore): `encode` composites onto white; callers can check `ALPHA_FORMATS` to record that.
+  JPEG, WEBP and BMP are 8-bit only: `encode` writes 8 bits there (see `SIXTEEN_BIT_FORMATS`).
+- CMYK is converted to RGB by Pillow without colour management; its CMYK ICC profile is dropped
+  because it would be wrong for RGB pixels.
+"""
+
+from __future__ import annotations
+
+import io
+import posixpath
+import struct
+import sys
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import tifffile
+from PIL import (  # noqa: F401  (importing the plugins registers them in Image.OPEN)
+    BmpImagePlugin,
+    Image,
+    JpegImagePlugin,
+    PngImagePlugin,
+    TiffImagePlugin,
+    WebPImagePlugin,
+)
+
+# 100 megapixels: a float32 RGB copy is 1.2 GB. Larger archive scans need an explicit, larger limit.
+DEFAULT_MAX_PIXELS = 100_000_000
+
+DECODE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
+ENCODE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
+SIXTEEN_BIT_FORMATS = frozenset({"PNG", "TIFF"})
+ALPHA_FORMATS = frozenset({"PNG", "WEBP", "TIFF"})
+
+FORMAT_BY_EXTENSION = {
+    ".png": "PNG",
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".webp": "WEBP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".bmp": "BMP",
+}
+IMAGE_EXTENSIONS = frozenset(FORMAT_BY_EXTENSION)
+# The extension a converted output gets (`--format`), one per format.
+EXTENSION_BY_FORMAT = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
+_FORMAT_ALIASES = {"JPG": "JPEG", "TIF": "TIFF"}
+
+_ORIENTATION = 0x0112
+# TIFF tags that are descriptive metadata (kept as EXIF), unlike the layout tags beside them,
+# and the pointers to the EXIF and GPS sub-directories.
+_TIFF_DESCRIPTIVE_TAGS = (270, 271, 272, 305, 306, 315, 33432)
+_EXIF_SUB_IFDS = (0x8769, 0x8825)
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+# What Pillow's readers (and zlib under them) raise on malformed input.
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, TypeError,
+               struct.error, zlib.error)
+# Source modes Pillow can give 8-bit data for, and the mode we convert them to.
+_MODE_8BIT = {
+    "1": "L", "L": "L", "LA": "LA", "La": "LA",
+    "P": "RGB", "PA": "RGBA",  # "P" becomes RGBA when it has transparency (see _pil_values)
+    "RGB": "RGB", "RGBA": "RGBA", "RGBa": "RGBA", "RGBX": "RGB",
+    "CMYK": "RGB", "YCbCr": "RGB", "HSV": "RGB",
+}
+_MODE_16BIT_GREY = ("I;16", "I;16L", "I;16B", "I;16N")
+_NATIVE_16 = "L" if sys.byteorder == "little" else "B"
+# Pillow raw modes that unpack the high byte of each 16-bit sample, and their low-byte twins.
+_LOW_BYTE_RAWMODE = {
+    "RGB;16B": "RGB;16L", "RGB;16L": "RGB;16B",
+    "RGBA;16B": "RGBA;16L", "RGBA;16L": "RGBA;16B",
+}
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image this module can decode; str(e) is a short reason for a manifest."""
+
+
+@dataclass
+class Decoded:
+    """A decoded image, upright, with what is needed to write it back in kind."""
+
+    pixels: np.ndarray  # float32 HxWxC in [0, 1], C = 1 (grey) or 3 (colour)
+    alpha: np.ndarray | None  # float32 HxW in [0, 1], or None
+    bit_depth: int  # 8 or 16: of the source (see notes when precision was reduced)
+    format: str  # "PNG", "JPEG", "WEBP", "TIFF", "BMP"
+    mode: str  # the source's Pillow mode, e.g. "P", "I;16", "CMYK"
+    icc_profile: bytes | None = None
+    exif: bytes | None = None  # without the Orientation tag (the pixels are already upright)
+    orientation: int = 1  # the EXIF orientation that was applied
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def height(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def width(self) -> int:
+        return self.pixels.shape[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def to_uint8(x: np.ndarray) -> np.ndarray:
+    """Float [0, 1] -> uint8, rounded to nearest then clipped (out-of-range values saturate)."""
+    return np.clip(np.round(np.asarray(x) * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_uint16(x: np.ndarray) -> np.ndarray:
+    """Float [0, 1] -> uint16, rounded to nearest then clipped."""
+    return np.clip(np.round(np.asarray(x) * 65535.0), 0, 65535).astype(np.uint16)
+
+
+def is_image_path(path: str) -> bool:
+    """True when the file name has one of IMAGE_EXTENSIONS (case-insensitive)."""
+    return posixpath.splitext(path.rsplit("/", 1)[-1])[1].lower() in IMAGE_EXTENSIONS
+
+
+def format_for_path(path: str) -> str:
+    """The format an output with this name is written in, from its extension."""
+    ext = posixpath.splitext(path.rsplit("/", 1)[-1])[1].lower()
+    try:
+        return FORMAT_BY_EXTENSION[ext]
+    except KeyError:
+        known = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise ValueError(f"not an image file name: {path!r} (extensions: {known})") from None
+
+
+def normalise_format(fmt: str) -> str:
+    """'png', 'jpg', 'TIF' ... -> the canonical name in ENCODE_FORMATS."""
+    name = _FORMAT_ALIASES.get(fmt.upper(), fmt.upper())
+    if name not in ENCODE_FORMATS:
+        raise ValueError(f"unsupported image format {fmt!r} (choose from {', '.join(ENCODE_FORMATS)})")
+    return name
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
+    """Decode image bytes to float pixels (+ alpha), upright, refusing bad input with ImageDecodeError."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        im = _open_lazy(data)
+    except Image.DecompressionBombError as e:
+        raise _pillow_limit_error(e) from e
+    except _PIL_ERRORS as e:
+        if data[:4] in _TIFF_MAGIC:  # e.g. 16-bit grey+alpha TIFF, which Pillow cannot open
+            return _decode_tiff_only(data, max_pixels)
+        raise ImageDecodeError(f"unreadable image header: {_short(e)}") from e
+    if im is None:
+        raise ImageDecodeError(f"not a supported image ({', '.join(DECODE_FORMATS)})")
+    with im:
+        _check_pixels(im.size[0], im.size[1], max_pixels)
+        return _decode_pil(im, data)
+
+
+def load_rgb_or_grey_uint8(data: bytes) -> np.ndarray:
+    """uint8 HxWxC for evaluation: C=1 for grey sources, 3 otherwise; alpha dropped; 16-bit /257."""
+    d = decode(data)
+    if d.bit_depth == 16:
+        return np.round(to_uint16(d.pixels) / 257.0).astype(np.uint8)
+    return to_uint8(d.pixels)
+
+
+def _open_lazy(data: bytes) -> Image.Image | None:
+    """Image.open restricted to DECODE_FORMATS and without Pillow's global pixel limit."""
+    fp = io.BytesIO(data)
+    prefix = data[:16]
+    for fmt in DECODE_FORMATS:
+        factory, accept = Image.OPEN[fmt]
+        if accept is None or accept(prefix) is True:
+            fp.seek(0)
+            return factory(fp, "")
+    return None
+
+
+def _pillow_limit_error(e: Exception) -> ImageDecodeError:
+    # WEBP headers and TIFF tiles are also checked by Pillow against its process-global limit.
+    return ImageDecodeError(f"too many pixels for Pillow (Image.MAX_IMAGE_PIXELS): {_short(e)}")
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width <= 0 or height <= 0:
+        raise ImageDecodeError(f"image has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"too many pixels: header says {width}x{height} = {width * height:,} pixels, "
+            f"more than max_pixels={max_pixels:,}; refused before decoding"
+        )
+
+
+def _decode_pil(im: Image.Image, data: bytes) -> Decoded:
+    notes: list[str] = []
+    fmt = "JPEG" if im.format == "MPO" else im.format
+    if getattr(im, "is_animated", False):
+        notes.append("several frames: first frame only")
+    # Read before decoding: Pillow clears im.tile once loaded, and its TIFF plugin rotates the
+    # pixels on load and then deletes the Orientation tag.
+    source16 = _source_is_16bit(im)
+    orientation, exif = _orientation_and_exif(im, notes)
+    try:
+        values, upright = _pil_values(im, data, fmt, notes)
+    except ImageDecodeError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise _pillow_limit_error(e) from e
+    except _PIL_ERRORS as e:
+        raise ImageDecodeError(f"truncated or corrupt image: {_short(e)}") from e
+    if fmt == "PNG" and exif is None and im.info.get("exif"):  # an eXIf chunk after the pixel data
+        orientation, exif = _orientation_and_exif(im, notes)
+    icc = im.info.get("icc_profile") or None
+    if im.mode == "CMYK" and icc is not None:
+        icc = None
+        notes.append("CMYK ICC profile dropped (pixels converted to RGB)")
+    bit_depth = 16 if values.dtype == np.uint16 or source16 else 8
+    if bit_depth == 16 and values.dtype == np.uint8:
+        notes.append("16-bit colour reduced to 8-bit (no 16-bit decoder for this file)")
+    if not upright:
+        values = _orient(values, orientation)
+    return _finish(values, bit_depth, fmt, im.mode, icc, exif, orientation, notes)
+
+
+def _pil_values(im: Image.Image, data: bytes, fmt: str, notes: list[str]) -> tuple[np.ndarray, bool]:
+    """Integer HxWxC samples (C 1..4, alpha last) at the source's precision where possible,
+    and whether the decoder already applied the orientation."""
+    mode = im.mode
+    if mode in ("RGB", "RGBA", "RGBa") and _source_is_16bit(im):
+        found = _colour16(im, data, fmt)
+        if found is not None:
+            return _with_trns_alpha(found[0], im.info.get("transparency")), found[1]
+    if mode in _MODE_16BIT_GREY or mode == "I":
+        im.load()
+        arr = np.asarray(im)
+        if mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise ImageDecodeError("unsupported mode I: 32-bit samples outside the 16-bit range")
+        values = _with_trns_alpha(arr.astype(np.uint16)[..., None], im.info.get("transparency"))
+        return values, _pillow_rotated(im)
+    if mode not in _MODE_8BIT:
+        raise ImageDecodeError(f"unsupported image mode {mode}")
+    target = _MODE_8BIT[mode]
+    if mode == "P" and "transparency" in im.info:
+        target = "RGBA"
+    if mode == "CMYK":
+        notes.append("CMYK converted to RGB without colour management")
+    im.load()
+    conv = im if im.mode == target else im.convert(target)
+    arr = np.asarray(conv)
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    if mode in ("L", "RGB"):
+        arr = _with_trns_alpha(arr, im.info.get("transparency"))
+    return arr, _pillow_rotated(im)
+
+
+def _pillow_rotated(loaded: Image.Image) -> bool:
+    """Whether Pillow applied the orientation itself while loading (its TIFF plugin does, then
+    deletes the tag; other plugins leave pixels as stored)."""
+    return loaded.format == "TIFF" and _ORIENTATION not in loaded.tag_v2
+
+
+def _with_trns_alpha(values: np.ndarray, trns) -> np.ndarray:
+    """Turn a single transparent colour (PNG tRNS for grey/RGB) into an alpha channel."""
+    if trns is None or isinstance(trns, bytes) or values.shape[2] not in (1, 3):
+        return values
+    key = np.asarray(trns if isinstance(trns, tuple) else (trns,), dtype=np.int64)
+    if key.size != values.shape[2]:
+        return values
+    opaque = np.iinfo(values.dtype).max
+    alpha = np.where(np.all(values == key, axis=2), 0, opaque).astype(values.dtype)
+    return np.concatenate([values, alpha[..., None]], axis=2)
+
+
+def _rawmodes(im: Image.Image) -> list[str]:
+    return [t[3] if isinstance(t[3], str) else (t[3][0] if t[3] else "") for t in im.tile]
+
+
+def _source_is_16bit(im: Image.Image) -> bool:
+    if im.mode in _MODE_16BIT_GREY or im.mode == "I":
+        return True
+    if im.format == "TIFF":  # planar TIFF tiles carry rawmodes such as "R" whatever the depth
+        bits = im.tag_v2.get(258, (8,))
+        return max(bits if isinstance(bits, tuple) else (bits,)) == 16
+    return any(";16" in r for r in _rawmodes(im))
+
+
+def _colour16(im: Image.Image, data: bytes, fmt: str) -> tuple[np.ndarray, bool] | None:
+    """16-bit colour samples (uint16 HxWxC) and whether they are already upright, or None when
+    no decoder here can keep 16 bits."""
+    if fmt == "TIFF":
+        try:
+            stored_hw = (im.tag_v2[257], im.tag_v2[256])  # as stored: tifffile does not rotate
+            return _tiff_page_values(data, stored_hw)[0], False
+        except Exception:  # noqa: BLE001  tifffile raises many types; fall through to Pillow
+            pass
+    try:
+        return _pil_hilo(data)
+    except (*_PIL_ERRORS, LookupError):
+        return None
+
+
+def _pil_hilo(data: bytes) -> tuple[np.ndarray, bool]:
+    """Run Pillow's decoder with high-byte and low-byte unpackers and join the two halves."""
+    hi_im = _open_lazy(data)
+    rawmodes = set(_rawmodes(hi_im))
+    if rawmodes == {"LA;16B"}:  # PNG grey+alpha: 4 bytes a pixel, read them verbatim as "RGBA"
+        b = np.asarray(_decode_with_rawmode(hi_im, "RGBA")).astype(np.uint16)
+        return (b[..., 0::2] << 8) | b[..., 1::2], False
+    if len(rawmodes) != 1:
+        raise ValueError(f"unexpected tiles {sorted(rawmodes)}")
+    rawmode = rawmodes.pop()
+    if rawmode.endswith(";16N"):
+        rawmode = rawmode[:-1] + _NATIVE_16
+    low_rawmode = _LOW_BYTE_RAWMODE[rawmode]
+    hi = np.asarray(_decode_with_rawmode(hi_im, rawmode)).astype(np.uint16)
+    lo = np.asarray(_decode_with_rawmode(_open_lazy(data), low_rawmode))
+    return (hi << 8) | lo, _pillow_rotated(hi_im)
+
+
+def _decode_with_rawmode(im: Image.Image, rawmode: str) -> Image.Image:
+    tiles = []
+    for t in im.tile:
+        args = rawmode if isinstance(t[3], str) else (rawmode, *t[3][1:])
+        tiles.append(t._replace(args=args))
+    im.tile = tiles
+    im.load()
+    return im
+
+
+def _tiff_page_values(data: bytes, expected_hw: tuple[int, int] | None = None,
+                      max_pixels: int | None = None) -> tuple[np.ndarray, dict]:
+    """First page of a TIFF via tifffile as uint8/uint16 HxWxC, plus icc/orientation/pages/photometric."""
+    with tifffile.TiffFile(io.BytesIO(data)) as tf:
+        page = tf.pages[0]
+        if max_pixels is not None:
+            _check_pixels(page.imagewidth, page.imagelength, max_pixels)
+        arr = page.asarray()
+        axes = page.axes
+        if axes == "YX":
+            arr = arr[..., None]
+        elif axes == "SYX":
+            arr = np.moveaxis(arr, 0, -1)
+        elif axes != "YXS":
+            raise ValueError(f"unsupported TIFF layout {axes}")
+        if arr.dtype not in (np.uint8, np.uint16) or not 1 <= arr.shape[2] <= 4:
+            raise ValueError(f"unsupported TIFF samples {arr.dtype} x {arr.shape[2]}")
+        if expected_hw is not None and arr.shape[:2] != expected_hw:
+            raise ValueError("tifffile and Pillow disagree on the image size")
+        if arr.shape[2] in (2, 4) and tuple(page.extrasamples)[:1] == (1,):  # premultiplied alpha
+            arr = _unpremultiply(arr)
+        icc = page.tags.get(34675)
+        orientation = page.tags.get(_ORIENTATION)
+        meta = {
+            "icc_profile": bytes(icc.value) if icc is not None else None,
+            "orientation": int(orientation.value) if orientation is not None else 1,
+            "pages": len(tf.pages),
+            "photometric": int(page.photometric),
+        }
+        return np.ascontiguousarray(arr), meta
+
+
+def _unpremultiply(arr: np.ndarray) -> np.ndarray:
+    top = np.iinfo(arr.dtype).max
+    a = arr[..., -1:].astype(np.float64)
+    colour = np.where(a > 0, arr[..., :-1] * (top / np.maximum(a, 1)), 0)
+    out = arr.copy()
+    out[..., :-1] = np.clip(np.round(colour), 0, top)
+    return out
+
+
+def _decode_tiff_only(data: bytes, max_pixels: int) -> Decoded:
+    """TIFFs Pillow cannot open (e.g. 16-bit grey+alpha), read with tifffile."""
+    try:
+        values, meta = _tiff_page_values(data, max_pixels=max_pixels)
+    except ImageDecodeError:
+        raise
+    except Exception as e:  # noqa: BLE001  tifffile raises many types on malformed input
+        raise ImageDecodeError(f"unsupported or corrupt TIFF: {_short(e)}") from e
+    grey = values.shape[2] in (1, 2)
+    if meta["photometric"] != (1 if grey else 2):  # MINISBLACK for grey, RGB for colour
+        raise ImageDecodeError(f"unsupported TIFF photometric interpretation {meta['photometric']}")
+    notes = ["several frames: first frame only"] if meta["pages"] > 1 else []
+    orientation = meta["orientation"] if 1 <= meta["orientation"] <= 8 else 1
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[values.shape[2]]
+    depth = 16 if values.dtype == np.uint16 else 8
+    return _finish(_orient(values, orientation), depth, "TIFF", mode, meta["icc_profile"], None,
+                   orientation, notes)
+
+
+def _orientation_and_exif(im: Image.Image, notes: list[str]) -> tuple[int, bytes | None]:
+    """The EXIF orientation to apply, and the raw EXIF to keep with Orientation removed."""
+    try:
+        raw = im.info.get("exif")
+        orientation, kept = 1, None
+        if raw:
+            exif = Image.Exif()
+            exif.load(raw)
+            orientation = int(exif.pop(_ORIENTATION, 1))
+            kept = exif.tobytes()
+        elif im.format == "TIFF":  # the tags are the TIFF's own (Image.getexif reads them unloaded)
+            source = im.getexif()
+            orientation = int(source.get(_ORIENTATION, 1))
+            kept = _tiff_exif(source)
+    except Exception as e:  # noqa: BLE001  a broken EXIF block must not fail a good image
+        notes.append(f"unreadable EXIF ignored ({_short(e)})")
+        return 1, None
+    if not 1 <= orientation <= 8:
+        notes.append(f"invalid EXIF orientation {orientation} ignored")
+        orientation = 1
+    return orientation, kept
+
+
+def _tiff_exif(source: Image.Exif) -> bytes | None:
+    """A TIFF's descriptive tags as an EXIF block; its layout tags would be wrong for any output."""
+    exif = Image.Exif()
+    found = False
+    for tag in _TIFF_DESCRIPTIVE_TAGS:
+        if tag in source:
+            exif[tag] = source[tag]
+            found = True
+    for pointer in _EXIF_SUB_IFDS:
+        sub = source.get_ifd(pointer)
+        if sub:
+            exif.get_ifd(pointer).update(sub)
+            found = True
+    return exif.tobytes() if found else None
+
+
+def _orient(a: np.ndarray, orientation: int) -> np.ndarray:
+    """Apply an EXIF orientation to HxW(xC) data, as ImageOps.exif_transpose would."""
+    if orientation == 2:
+        return a[:, ::-1]
+    if orientation == 3:
+        return a[::-1, ::-1]
+    if orientation == 4:
+        return a[::-1]
+    if orientation == 5:
+        return a.swapaxes(0, 1)
+    if orientation == 6:
+        return np.rot90(a, -1)
+    if orientation == 7:
+        return a.swapaxes(0, 1)[::-1, ::-1]
+    if orientation == 8:
+        return np.rot90(a, 1)
+    return a
+
+
+def _finish(values: np.ndarray, bit_depth: int, fmt: str, mode: str, icc: bytes | None,
+            exif: bytes | None, orientation: int, notes: list[str]) -> Decoded:
+    """Upright integer samples -> Decoded (float pixels, alpha split off)."""
+    colour = 1 if values.shape[2] in (1, 2) else 3
+    scale = np.float32(np.iinfo(values.dtype).max)
+    pixels = values[..., :colour].astype(np.float32) / scale
+    alpha = values[..., colour].astype(np.float32) / scale if values.shape[2] in (2, 4) else None
+    return Decoded(pixels=pixels, alpha=alpha, bit_depth=bit_depth, format=fmt, mode=mode,
+                   icc_profile=icc, exif=exif, orientation=orientation, notes=notes)
+
+
+# ---------------------------------------------------------------------------------------------
+# encoding
+
+
+def encode(pixels: np.ndarray, alpha: np.ndarray | None, format: str, bit_depth: int = 8,
+           icc_profile: bytes | None = None, exif: bytes | None = None, quality: int = 95) -> bytes:
+    """Encode float [0, 1] pixels (HxWxC, C 1 or 3) and optional alpha (HxW) to image bytes.
+
+    Values outside [0, 1] saturate. bit_depth 16 is written for PNG and TIFF and silently becomes 8
+    for the 8-bit-only formats. JPEG and BMP composite alpha onto white. ICC and EXIF are kept where the
+    format has room (PNG, JPEG, WEBP, 8-bit TIFF; 16-bit TIFF keeps ICC but not EXIF; BMP neither).
+    """
+    fmt = normalise_format(format)
+    _check_arrays(pixels, alpha)
+    if bit_depth not in (8, 16):
+        raise ValueError(f"bit_depth must be 8 or 16, got {bit_depth}")
+    if fmt not in SIXTEEN_BIT_FORMATS:
+        bit_depth = 8
+    if fmt not in ALPHA_FORMATS and alpha is not None:
+        a = np.clip(alpha, 0.0, 1.0)[..., None]
+        pixels = pixels * a + (1.0 - a)
+        alpha = None
+    stacked = pixels if alpha is None else np.concatenate([pixels, alpha[..., None]], axis=2)
+    if bit_depth == 16:
+        values = to_uint16(stacked)
+        return _png16(values, icc_profile, exif) if fmt == "PNG" else _tiff16(values, icc_profile)
+    return _pillow_encode(to_uint8(stacked), fmt, icc_profile, exif, quality)
+
+
+def _check_arrays(pixels: np.ndarray, alpha: np.ndarray | None) -> None:
+    if not isinstance(pixels, np.ndarray) or pixels.ndim != 3 or pixels.shape[2] not in (1, 3):
+        shape = getattr(pixels, "shape", None)
+        raise ValueError(f"pixels must be an HxWxC array with C 1 or 3, got shape {shape}")
+    if pixels.shape[0] == 0 or pixels.shape[1] == 0:
+        raise ValueError(f"pixels have no area: shape {pixels.shape}")
+    if not np.issubdtype(pixels.dtype, np.floating):
+        raise ValueError(f"pixels must be floats in [0, 1], got dtype {pixels.dtype}")
+    if not np.isfinite(pixels).all():
+        raise ValueError("pixels contain NaN or infinity")
+    if alpha is not None:
+        if not isinstance(alpha, np.ndarray) or alpha.shape != pixels.shape[:2]:
+            raise ValueError(f"alpha must be HxW {pixels.shape[:2]}, got {getattr(alpha, 'shape', None)}")
+        if not np.issubdtype(alpha.dtype, np.floating) or not np.isfinite(alpha).all():
+            raise ValueError("alpha must be finite floats in [0, 1]")
+
+
+def _pillow_encode(values: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None,
+                   quality: int) -> bytes:
+    im = Image.fromarray(values[..., 0] if values.shape[2] == 1 else values)
+    if fmt == "WEBP" and im.mode == "LA":  # WEBP has no grey+alpha
+        im = im.convert("RGBA")
+    options: dict = {}
+    if fmt == "JPEG":
+        # 4:4:4: chroma subsampling would halve the colour resolution the model just restored.
+        options = {"quality": quality, "subsampling": 0}
+    elif fmt == "WEBP":
+        options = {"quality": quality}
+    elif fmt == "TIFF":
+        options = {"compression": "tiff_adobe_deflate"}
+    if fmt != "BMP":
+        if icc:
+            options["icc_profile"] = icc
+        if exif:
+            options["exif"] = exif
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def _tiff16(values: np.ndarray, icc: bytes | None) -> bytes:
+    c = values.shape[2]
+    buf = io.BytesIO()
+    tifffile.imwrite(
+        buf,
+        values[..., 0] if c == 1 else values,
+        photometric="rgb" if c in (3, 4) else "minisblack",
+        planarconfig="contig" if c > 1 else None,
+        extrasamples=("unassalpha",) if c in (2, 4) else None,
+        compression="zlib",
+        iccprofile=icc or None,
+        metadata=None,
+    )
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _png16(values: np.ndarray, icc: bytes | None, exif: bytes | None) -> bytes:
+    """A 16-bit PNG (grey, grey+alpha, RGB, RGBA), which Pillow cannot write for colour.
+
+    Rows are Paeth-filtered and compressed in blocks so memory stays a few MB above the input.
+    """
+    h, w, c = values.shape
+    colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[c]
+    rows = values.astype(">u2").reshape(h, w * c).view(np.uint8)
+    bpp = 2 * c
+    header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)  # 16 bits, no interlace
+    parts = [b"\x89PNG\r\n\x1a\n", _png_chunk(b"IHDR", header)]
+    if icc:
+        parts.append(_png_chunk(b"iCCP", b"ICC Profile\x00\x00" + zlib.compress(icc)))
+    if exif:
+        parts.append(_png_chunk(b"eXIf", exif[6:] if exif.startswith(b"Exif\x00\x00") else exif))
+    compressor = zlib.compressobj(6)
+    compressed = []
+    block = max(1, (4 << 20) // rows.shape[1])
+    previous = np.zeros((1, rows.shape[1]), np.uint8)
+    for start in range(0, h, block):
+        cur = rows[start:start + block]
+        up = np.concatenate([previous, cur[:-1]])
+        filtered = _paeth(cur, up, bpp)
+        marked = np.concatenate([np.full((cur.shape[0], 1), 4, np.uint8), filtered], axis=1)
+        compressed.append(compressor.compress(marked.tobytes()))
+        previous = cur[-1:]
+    compressed.append(compressor.flush())
+    idat = b"".join(compressed)
+    for i in range(0, max(len(idat), 1), 1 << 20):
+        parts.append(_png_chunk(b"IDAT", idat[i:i + (1 << 20)]))
+    parts.append(_png_chunk(b"IEND", b""))
+    return b"".join(parts)
+
+
+def _paeth(cur: np.ndarray, up: np.ndarray, bpp: int) -> np.ndarray:
+    """PNG filter type 4 for a block of rows (uint8), given the rows above them."""
+    x = cur.astype(np.int16)
+    b = up.astype(np.int16)
+    a = np.zeros_like(x)
+    a[:, bpp:] = x[:, :-bpp]
+    c = np.zeros_like(b)
+    c[:, bpp:] = b[:, :-bpp]
+    p = a + b - c
+    pa, pb, pc = np.abs(p - a), np.abs(p - b), np.abs(p - c)
+    pred = np.where((pa <= pb) & (pa <= pc), a, np.where(pb <= pc, b, c))
+    return (x - pred).astype(np.uint8)

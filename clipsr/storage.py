@@ -1,0 +1,382 @@
+"""URIs -> filesystems, listing, whole-object reads and writes, retries.
+
+The only module that knows about filesystems and credentials. A URI is a local path, file://...,
+s3://bucket/prefix (credentials, region and endpoint from the standard AWS environment variables,
+AWS_ENDPOINT_URL_S3 / AWS_ENDPOINT_URL included) or any other fsspec protocol.
+
+Keys: a listing yields keys relative to the listed root exactly as stored. They are not
+validated there, so that a job can record an unsafe key (`..`, absolute, ...) as a failed row
+instead of losing it: call `safe_relative_key` before reading or writing anything derived from one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import functools
+import hashlib
+import logging
+import os
+import posixpath
+import random
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+from clipsr.imaging import IMAGE_EXTENSIONS, is_image_path
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# Variables that select credentials or region: a change to any of them needs a new S3 client.
+_S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+           "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE")
+_LOCAL_PROTOCOLS = ("", "file")
+
+
+class UnsafeKeyError(ValueError):
+    """A key that must never be read or written (it could escape its prefix or is malformed)."""
+
+
+class NoImagesError(FileNotFoundError):
+    """The folder or prefix holds no image files."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listing entry: enough to decide from the listing alone whether an input changed."""
+
+    uri: str  # full URI: the listed root joined with key
+    key: str  # relative to the listed root, as stored (not validated)
+    size: int
+    etag: str | None  # S3 ETag without quotes; None on local disks
+    mtime: float | None  # seconds since the epoch
+
+
+# --- URIs and keys ---------------------------------------------------------------------------
+
+
+def _protocol(uri: str) -> str:
+    return uri.split("://", 1)[0].lower() if "://" in uri else ""
+
+
+def _local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.lower().startswith("file://") else uri
+
+
+def s3_endpoint_url() -> str | None:
+    """The S3 endpoint from the environment; the S3-specific variable wins, as in the AWS SDKs."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem for a URI and the path within it.
+
+    S3 filesystems are cached per process, endpoint and credential environment (the cache key holds
+    a digest of the credential variables, never their values). Their listings cache is off: a
+    long job writes while it lists, and a stale listing would hide its own outputs.
+    """
+    protocol = _protocol(uri)
+    if protocol in _LOCAL_PROTOCOLS:
+        return LocalFileSystem(), os.path.abspath(_local_path(uri))
+    if protocol in ("s3", "s3a"):
+        fs = _s3_filesystem(s3_endpoint_url(), _env_digest(), os.getpid())
+        return fs, fs._strip_protocol(uri)
+    return fsspec.url_to_fs(uri)
+
+
+def _env_digest() -> str:
+    joined = "\0".join(os.environ.get(name, "") for name in _S3_ENV)
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _s3_filesystem(endpoint_url: str | None, env_digest: str, pid: int) -> fsspec.AbstractFileSystem:
+    import s3fs
+
+    client_kwargs = {}
+    if endpoint_url:  # s3fs does not read AWS_ENDPOINT_URL itself
+        client_kwargs["endpoint_url"] = endpoint_url
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        client_kwargs["region_name"] = region
+    return s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True, use_listings_cache=False)
+
+
+def safe_relative_key(rel: str) -> str:
+    """Return rel unchanged if it is a plain relative key, else raise UnsafeKeyError.
+
+    Refused: empty, absolute, backslashes, control characters (NUL included), and empty, '.' or
+    '..' segments. S3 allows all of these in keys; joined to an output prefix they could escape it
+    or name a different object than the one listed.
+    """
+    if not rel:
+        raise UnsafeKeyError("empty key")
+    if rel.startswith("/"):
+        raise UnsafeKeyError(f"absolute key: {rel!r}")
+    if "\\" in rel:
+        raise UnsafeKeyError(f"backslash in key: {rel!r}")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in rel):
+        raise UnsafeKeyError(f"control character in key: {rel!r}")
+    for segment in rel.split("/"):
+        if segment in ("", ".", ".."):
+            raise UnsafeKeyError(f"{'empty' if not segment else repr(segment)} path segment in key: {rel!r}")
+    return rel
+
+
+def _child(uri: str, rel: str) -> str:
+    return uri + rel if uri.endswith("/") else f"{uri}/{rel}"
+
+
+def join(uri: str, relative: str) -> str:
+    """uri + '/' + relative, after checking that relative is a safe key."""
+    return _child(uri, safe_relative_key(relative))
+
+
+def relative_key(root_uri: str, full_uri: str) -> str:
+    """The key of full_uri below root_uri (both as listed/joined here), not validated."""
+    prefix = root_uri if root_uri.endswith("/") else root_uri + "/"
+    if not full_uri.startswith(prefix) or len(full_uri) == len(prefix):
+        raise ValueError(f"{full_uri!r} is not below {root_uri!r}")
+    return full_uri[len(prefix):]
+
+
+def sort_key(rel: str) -> bytes:
+    """METHOD.md's "sorted order": byte order of the UTF-8 relative key ('B.png' < 'a.png')."""
+    return rel.encode("utf-8", "surrogateescape")
+
+
+def is_image_key(rel: str) -> bool:
+    """An image by extension and not hidden (no segment starting with '.').
+
+    '.' and '..' segments do not count as hidden: such keys must reach validation and be reported.
+    """
+    hidden = any(s.startswith(".") and s not in (".", "..") for s in rel.split("/"))
+    return not hidden and is_image_path(rel)
+
+
+# --- listing ---------------------------------------------------------------------------------
+
+
+def iter_objects(uri: str, recursive: bool = True, page_size: int = 1000) -> Iterator[ObjectInfo]:
+    """Stream the objects below uri, in no particular order, without holding the whole listing.
+
+    Local: os.scandir, directory by directory (symlinked folders are not followed, so no loops).
+    S3: list_objects_v2 page by page (page_size keys a request, 1,000 at most); folder markers
+    (keys ending in '/') are skipped. Other protocols: fs.walk, which holds one directory's
+    listing at a time (an object store without folders is then listed in one go: a memory cost).
+    """
+    protocol = _protocol(uri)
+    if protocol in _LOCAL_PROTOCOLS:
+        yield from _iter_local(uri, recursive)
+    elif protocol in ("s3", "s3a"):
+        yield from _iter_s3(uri, recursive, page_size)
+    else:
+        yield from _iter_fsspec(uri, recursive)
+
+
+def _iter_local(uri: str, recursive: bool) -> Iterator[ObjectInfo]:
+    root = os.path.abspath(_local_path(uri))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"folder not found: {uri}")
+    pending = [""]
+    while pending:
+        rel_dir = pending.pop()
+        with os.scandir(os.path.join(root, rel_dir)) as entries:
+            for entry in entries:
+                rel = f"{rel_dir}/{entry.name}" if rel_dir else entry.name
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        if recursive:
+                            pending.append(rel)
+                        continue
+                    if not entry.is_file():
+                        continue
+                    st = entry.stat()
+                except FileNotFoundError:  # removed while we listed
+                    continue
+                yield ObjectInfo(uri=_child(uri, rel), key=rel, size=st.st_size, etag=None, mtime=st.st_mtime)
+
+
+def _iter_s3(uri: str, recursive: bool, page_size: int) -> Iterator[ObjectInfo]:
+    fs, path = filesystem(uri)
+    bucket, _, prefix = path.partition("/")
+    if not bucket:
+        raise ValueError(f"no bucket in {uri!r}")
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    request = {"Bucket": bucket, "Prefix": prefix, "MaxKeys": page_size}
+    if not recursive:
+        request["Delimiter"] = "/"
+    while True:
+        page = retry(functools.partial(fs.call_s3, "list_objects_v2", **request))
+        for obj in page.get("Contents", ()):
+            key = obj["Key"]
+            if key.endswith("/"):
+                continue
+            rel = key[len(prefix):]
+            etag = obj.get("ETag", "").strip('"') or None
+            yield ObjectInfo(uri=_child(uri, rel), key=rel, size=int(obj["Size"]), etag=etag,
+                             mtime=obj["LastModified"].timestamp())
+        if not page.get("IsTruncated"):
+            return
+        request["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def _iter_fsspec(uri: str, recursive: bool) -> Iterator[ObjectInfo]:
+    fs, path = filesystem(uri)
+    if not fs.isdir(path):
+        raise FileNotFoundError(f"folder not found: {uri}")
+    root = path.rstrip("/")
+    for _, _, files in fs.walk(path, maxdepth=None if recursive else 1, detail=True):
+        for info in files.values():
+            rel = posixpath.relpath(info["name"], root)
+            etag = info.get("ETag") or info.get("etag")
+            mtime = info.get("mtime") or info.get("LastModified")
+            yield ObjectInfo(uri=_child(uri, rel), key=rel, size=int(info.get("size") or 0),
+                             etag=str(etag).strip('"') if etag else None,
+                             mtime=mtime.timestamp() if hasattr(mtime, "timestamp") else mtime)
+
+
+def list_images(uri: str, recursive: bool = True) -> list[str]:
+    """Full URIs of the image files below uri, in sorted order (byte order of the relative key).
+
+    Hidden files and folders are ignored, and so are other extensions. For evaluation-sized
+    folders: this holds the whole list; a job over millions of keys uses iter_objects.
+    """
+    found = [(o.key, o.uri) for o in iter_objects(uri, recursive) if is_image_key(o.key)]
+    if not found:
+        extensions = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise NoImagesError(f"no image files ({extensions}) in {uri}")
+    found.sort(key=lambda item: sort_key(item[0]))
+    return [full for _, full in found]
+
+
+# --- reading and writing ---------------------------------------------------------------------
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole object, retrying transient errors."""
+    if _protocol(uri) in _LOCAL_PROTOCOLS:
+        path = _local_path(uri)
+        return retry(lambda: _read_local(path))
+    fs, path = filesystem(uri)
+    return retry(lambda: fs.cat_file(path))
+
+
+def _read_local(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write the whole object or nothing under its final name.
+
+    Local: a hidden temporary file in the same folder (fsynced), then os.replace, which is atomic
+    on one filesystem; the temporary is removed on failure. S3: a PUT is atomic per object (readers
+    see the old object or the new one), and s3fs's multipart upload for large data only becomes
+    visible on completion; an aborted one leaves invisible, billed parts: give the bucket an
+    AbortIncompleteMultipartUpload lifecycle rule. Other protocols: one upload, as atomic as that
+    store's single uploads (GCS and Azure blob uploads are).
+    """
+    if _protocol(uri) in _LOCAL_PROTOCOLS:
+        _write_local_atomic(_local_path(uri), data)
+        return
+    fs, path = filesystem(uri)
+    retry(lambda: fs.pipe_file(path, data))
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(temp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+
+
+def exists(uri: str) -> bool:
+    if _protocol(uri) in _LOCAL_PROTOCOLS:
+        return os.path.exists(_local_path(uri))
+    fs, path = filesystem(uri)
+    return retry(lambda: fs.exists(path))
+
+
+def delete(uri: str) -> None:
+    """Remove one object; deleting what is not there is not an error (reruns stay simple)."""
+    if _protocol(uri) in _LOCAL_PROTOCOLS:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(_local_path(uri))
+        return
+    fs, path = filesystem(uri)
+    with contextlib.suppress(FileNotFoundError):
+        retry(lambda: fs.rm_file(path))
+
+
+def content_hash(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+# --- retries ---------------------------------------------------------------------------------
+
+_TRANSIENT_ERRNOS = {errno.EAGAIN, errno.EBUSY, errno.ETIMEDOUT, errno.ECONNRESET, errno.ECONNREFUSED,
+                     errno.ECONNABORTED, errno.EPIPE, getattr(errno, "EREMOTEIO", errno.EIO)}
+# Network errors of botocore, aiohttp and urllib3, by name, so that this module imports none of them.
+_TRANSIENT_NAMES = {"EndpointConnectionError", "ConnectionClosedError", "ReadTimeoutError",
+                    "ConnectTimeoutError", "ResponseStreamingError", "IncompleteReadError",
+                    "ClientOSError", "ServerDisconnectedError", "ClientPayloadError", "ProtocolError"}
+_TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded",
+                    "TooManyRequests", "RequestTimeout", "InternalError", "ServiceUnavailable"}
+
+
+def is_transient_error(exc: BaseException) -> bool:
+    """Throttling, connection trouble and 5xx: worth another try. Missing or forbidden: not."""
+    if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError,
+                        FileExistsError)):
+        return False
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in _TRANSIENT_ERRNOS:
+        return True
+    if type(exc).__name__ in _TRANSIENT_NAMES:
+        return True
+    response = getattr(exc, "response", None)  # botocore ClientError
+    if isinstance(response, dict):
+        code = str(response.get("Error", {}).get("Code", ""))
+        status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+        return code in _TRANSIENT_CODES or status == 429 or status >= 500
+    return False
+
+
+def retry(fn: Callable[[], T], attempts: int = 5, base_delay: float = 0.2, max_delay: float = 10.0,
+          sleep: Callable[[float], None] = time.sleep) -> T:
+    """Call fn, retrying transient errors with exponential backoff.
+
+    The delay doubles from base_delay up to max_delay, times a random factor in [0.5, 1] so that
+    many workers throttled together do not retry in lockstep. Other errors propagate at once.
+    """
+    if attempts < 1:
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
+    attempt = 1
+    while True:
+        try:
+            return fn()
+        except Exception as exc:
+            if attempt >= attempts or not is_transient_error(exc):
+                raise
+            delay = min(max_delay, base_delay * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            log.warning("transient storage error (attempt %d of %d, retrying in %.2f s): %s: %s",
+                        attempt, attempts, delay, type(exc).__name__, exc)
+            sleep(delay)
+            attempt += 1
