@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from open_clip.factory import load_state_dict as _open_clip_load_state_dict
 from open_clip.model import _build_vision_tower  # open_clip has no public "vision tower only" builder
 
+from clipsr.digest import tensors_sha256
+
 TINY_ARCH = "clipsr-tiny-vit"
 _CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 _MEMORY_CACHE_ENTRIES = 65536  # about 130 MB of 512-d float32 vectors
@@ -50,7 +52,7 @@ class EncoderIdentity:
 
     arch: str
     weights: str  # "random:<seed>", "file:<basename>", a URI, or an open_clip pretrained tag
-    sha256: str  # of the image tower's tensors, see state_dict_sha256
+    sha256: str  # of the image tower's tensors, see clipsr.digest.tensors_sha256
     semantic_prior: bool  # False: random weights, similarities mean nothing semantically
     embed_dim: int
 
@@ -71,16 +73,6 @@ class EncoderIdentity:
     def matches(self, other: "EncoderIdentity") -> bool:
         """Same architecture and same weights: embeddings are comparable."""
         return self.arch == other.arch and self.sha256 == other.sha256
-
-
-def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:
-    """Hash of tensors by sorted key, dtype, shape and raw bytes: independent of file format and device."""
-    digest = hashlib.sha256()
-    for key in sorted(state_dict):
-        tensor = state_dict[key].detach().to("cpu").contiguous()
-        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def is_uri(weights: str) -> bool:
@@ -359,7 +351,7 @@ class ClipEncoder(ImageEncoder):
         identity = EncoderIdentity(
             arch=arch,
             weights=label,
-            sha256=state_dict_sha256(visual.state_dict()),
+            sha256=tensors_sha256(visual.state_dict()),
             semantic_prior=state is not None,
             embed_dim=int(config["embed_dim"]),
         )
@@ -421,7 +413,7 @@ class ColorStatsEncoder(ImageEncoder):
         self.identity = EncoderIdentity(
             arch="color-stats",
             weights=f"random:{seed}",
-            sha256=state_dict_sha256({**projection.state_dict(), "input_size": torch.tensor(input_size)}),
+            sha256=tensors_sha256({**projection.state_dict(), "input_size": torch.tensor(input_size)}),
             semantic_prior=False,
             embed_dim=embed_dim,
         )
@@ -438,3 +430,15 @@ class ColorStatsEncoder(ImageEncoder):
         centre, scale = self._CENTRE.to(features), self._SCALE.to(features)
         return self.module((features - centre) / scale)
 
+
+
+def load_image_encoder(
+    arch: str, weights: str | None = None, seed: int = 0, device: str | torch.device = "cpu",
+    cache_dir: str | os.PathLike | None = None,
+) -> ImageEncoder:
+    """Any encoder by architecture name: ``color-stats`` (the deterministic stand-in) or a CLIP tower."""
+    if arch == "color-stats":
+        if weights is not None:
+            raise ValueError("the color-stats encoder has no weights to load; it is defined by its seed")
+        return ColorStatsEncoder(seed=seed, device=device, cache_dir=cache_dir)
+    return ClipEncoder.load(arch, weights, seed=seed, device=device, cache_dir=cache_dir)

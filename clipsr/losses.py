@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.vgg import cfgs as _VGG_CFGS, make_layers
 
-from clipsr.clip import ImageEncoder, read_weights, state_dict_sha256, weights_label
+from clipsr.clip import ImageEncoder, read_weights, weights_label
+from clipsr.digest import tensors_sha256
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -88,7 +89,7 @@ class PerceptualLoss(nn.Module):
         if any(not math.isfinite(w) or w < 0 for w in layers.values()):
             raise ValueError(f"layer weights must be finite and >= 0, got {layers}")
         state = read_weights(weights, cache_dir)
-        sha256 = state_dict_sha256(state)  # of the file's tensors, whichever layers are used
+        sha256 = tensors_sha256(state)  # of the file's tensors, whichever layers are used
         if any(key.startswith("features.") for key in state):
             state = {key[len("features."):]: value for key, value in state.items() if key.startswith("features.")}
         depth = max(names.index(name) for name in layers) + 1

@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clipsr.clip import TINY_ARCH, ClipEncoder, ColorStatsEncoder, EncoderIdentity, state_dict_sha256
+from clipsr.clip import TINY_ARCH, ClipEncoder, ColorStatsEncoder, EncoderIdentity
+from clipsr.digest import tensors_sha256
 
 
 @pytest.fixture
@@ -58,7 +59,7 @@ def test_full_open_clip_checkpoint_loads_from_path_and_file_uri(tmp_path):
     model = open_clip.create_model(TINY_ARCH)
     path = tmp_path / "tiny-clip.pt"
     torch.save(model.state_dict(), path)
-    source_sha = state_dict_sha256(model.visual.state_dict())
+    source_sha = tensors_sha256(model.visual.state_dict())
 
     from_path = ClipEncoder.load(TINY_ARCH, str(path))
     assert from_path.identity.sha256 == source_sha
@@ -89,7 +90,7 @@ def test_torchscript_checkpoint_like_openai_release_loads(tmp_path):
     path = tmp_path / "ViT-tiny.pt"
     torch.jit.trace(ImageOnly(), torch.rand(1, 3, 64, 64)).save(str(path))
     loaded = ClipEncoder.load(TINY_ARCH, str(path))
-    assert loaded.identity.sha256 == state_dict_sha256(model.visual.state_dict())
+    assert loaded.identity.sha256 == tensors_sha256(model.visual.state_dict())
 
 
 def test_tower_only_safetensors_gives_source_identity(tmp_path):

@@ -3,7 +3,8 @@ import pytest
 import torch
 from torchvision.models.vgg import cfgs, make_layers
 
-from clipsr.clip import TINY_ARCH, ClipEncoder, state_dict_sha256
+from clipsr.clip import TINY_ARCH, ClipEncoder
+from clipsr.digest import tensors_sha256
 from clipsr.losses import (
     CompositeLoss,
     LossWeights,
@@ -55,7 +56,7 @@ def test_vgg_layer_names_follow_torchvision_indices():
 def test_perceptual_loss_from_file_and_uri(vgg_file):
     path, state = vgg_file
     loss = PerceptualLoss.from_weights(str(path), layers=SHALLOW)
-    assert loss.identity["sha256"] == state_dict_sha256(state)
+    assert loss.identity["sha256"] == tensors_sha256(state)
     assert loss.identity["weights"] == "file:vgg19-shallow.pth" and loss.identity["layers"] == SHALLOW
     assert len(loss.features) == 9  # only up to relu2_2 is built
     via_uri = PerceptualLoss.from_weights(path.as_uri(), layers=SHALLOW)
