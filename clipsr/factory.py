@@ -5,7 +5,12 @@ command line takes it, is one of:
 
 - ``bicubic``: MATLAB-compatible bicubic interpolation (no parameters);
 - ``default`` / ``default-x4`` / ``default-x2``: the weights bundled with the package;
+- a registry reference ``REGISTRY/DOMAIN`` (that domain's current version) or
+  ``REGISTRY/DOMAIN/vN`` (a given version), as written by ``clipsr adapt --out REGISTRY``;
 - a checkpoint path or URI (local, ``file://``, ``s3://``...).
+
+Adapted models are deltas on a source model: loading one loads its parent too, and checks the
+parent's content hash against the one recorded, so a renamed or retrained source is caught.
 """
 from __future__ import annotations
 
@@ -19,7 +24,8 @@ from clipsr import storage
 from clipsr.inference import BicubicUpscaler, NetworkUpscaler, Upscaler
 from clipsr.models import CDASR
 from clipsr.config import validate
-from clipsr.models.checkpoint import CheckpointError, from_bytes, to_bytes
+from clipsr.models.checkpoint import CheckpointError, from_bytes, read_metadata, to_bytes
+from clipsr.models.upsampler import SCALES
 from clipsr.provenance import code_revision, utc_now
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -55,31 +61,44 @@ def create_model(arch: str, scale: int) -> CDASR:
 
 
 def checkpoint_uri(spec: str) -> str:
-    """Where a model spec's checkpoint lives (bundled names resolve inside the package)."""
+    """Where a model spec's checkpoint lives: bundled names and registry references resolved."""
     if spec in BUNDLED:
         path = WEIGHTS_DIR / f"{BUNDLED[spec]}.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"the bundled model {spec!r} is not installed ({path} is missing)")
         return str(path)
-    return spec
+    from clipsr.registry import resolve_ref
+
+    entry = resolve_ref(spec)
+    return entry.model_uri if entry is not None else spec
 
 
 def load_checkpoint(spec: str) -> tuple[CDASR, dict[str, Any]]:
+    """The network and metadata a model spec names (deltas applied onto their verified parent)."""
     uri = checkpoint_uri(spec)
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
         raise FileNotFoundError(
             f"model {spec!r} not found: expected 'bicubic', one of {sorted(BUNDLED)}, "
-            "or a checkpoint path/URI"
+            "a registry reference REGISTRY/DOMAIN[/vN], or a checkpoint path/URI"
         ) from None
-    model, meta = from_bytes(data)
+    meta = read_metadata(data)
+    base = None
+    if meta["kind"] == "delta":
+        parent = meta["parent"]
+        base, parent_meta = load_checkpoint(meta["parent_spec"])
+        if parent_meta["weights_sha256"] != parent["weights_sha256"]:
+            raise CheckpointError(
+                f"{meta['id']} was adapted from {parent['id']}, but {meta['parent_spec']!r} now holds "
+                f"{parent_meta['id']}; pass the original source model"
+            )
+    model, meta = from_bytes(data, base=base)
     meta["source_uri"] = uri
     return model, meta
 
 
-def save_checkpoint(
-    uri: str,
+def encode_checkpoint(
     model: CDASR,
     arch: str,
     clip_encoder: dict[str, Any] | None = None,
@@ -87,11 +106,13 @@ def save_checkpoint(
     parent: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     settings: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write ``model`` as a checkpoint of architecture ``arch``; returns the metadata written.
+    delta_keys: list[str] | None = None,
+    parent_spec: str | None = None,
+) -> tuple[bytes, dict[str, Any]]:
+    """``model`` as checkpoint bytes of architecture ``arch``, and the metadata they carry.
 
-    The metadata is validated against ``schemas/checkpoint.schema.json`` before anything is
-    written, and the file appears atomically.
+    With ``delta_keys``, only those tensors are stored and ``parent`` / ``parent_spec`` say what
+    they apply to. The metadata is validated against ``schemas/checkpoint.schema.json``.
     """
     meta = {
         "clip_encoder": clip_encoder,
@@ -101,9 +122,18 @@ def save_checkpoint(
         "settings": settings or {},
         "code_revision": code_revision(),
         "created": utc_now(),
+        "parent_spec": parent_spec,
     }
-    data, full = to_bytes(model, arch, get_model_config(arch), meta)
+    if delta_keys is not None and parent is None:
+        raise ValueError("a delta checkpoint needs its parent (id and weights_sha256)")
+    data, full = to_bytes(model, arch, get_model_config(arch), meta, keys=delta_keys)
     validate(full, "checkpoint")
+    return data, full
+
+
+def save_checkpoint(uri: str, model: CDASR, arch: str, **meta: Any) -> dict[str, Any]:
+    """Write ``model`` to ``uri`` atomically (see :func:`encode_checkpoint`); returns its metadata."""
+    data, full = encode_checkpoint(model, arch, **meta)
     storage.write_bytes_atomic(uri, data)
     return full
 
@@ -118,7 +148,7 @@ def load_encoder_for(meta: dict[str, Any], clip_weights: str | None) -> Any | No
                 "do not pass CLIP weights for it"
             )
         return None
-    from clipsr.clip import ClipEncoder, EncoderIdentity
+    from clipsr.clip import EncoderIdentity, load_image_encoder
 
     want = EncoderIdentity.from_dict(recorded)
     random_seed = want.weights.startswith("random:")
@@ -128,7 +158,7 @@ def load_encoder_for(meta: dict[str, Any], clip_weights: str | None) -> Any | No
             f"(sha256 {want.sha256[:12]}); pass them with --clip-weights FILE_OR_URI"
         )
     seed = int(want.weights.split(":", 1)[1]) if random_seed else 0
-    encoder = ClipEncoder.load(want.arch, clip_weights, seed=seed)
+    encoder = load_image_encoder(want.arch, clip_weights, seed=seed)
     if not encoder.identity.matches(want):
         raise CheckpointError(
             f"CLIP encoder mismatch for model {meta['id']}: it was trained with {want.arch} "
@@ -148,8 +178,8 @@ def load_upscaler(
 ) -> Upscaler:
     """Resolve a model spec to a ready upscaler; ``scale`` must agree with the checkpoint's."""
     if spec == "bicubic":
-        if scale is None:
-            raise ValueError("model 'bicubic' needs a scale")
+        if scale not in SCALES:  # else every image fails on its own (x0) or scores trivially (x1)
+            raise ValueError(f"model 'bicubic' needs a scale of {', '.join(f'x{s}' for s in SCALES)}; got {scale}")
         return BicubicUpscaler(scale)
     model, meta = load_checkpoint(spec)
     if scale is not None and scale != meta["scale"]:

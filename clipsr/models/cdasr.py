@@ -13,6 +13,9 @@ from clipsr.models.registry import build_backbone
 from clipsr.models.upsampler import UPSAMPLERS
 
 
+ADAPTATION_SCOPES = ("adaptive", "adaptive+bias", "all")
+
+
 class CDASR(nn.Module):
     """CLIP-aware domain-adaptive SR network.
 
@@ -48,6 +51,24 @@ class CDASR(nn.Module):
         feats = self.adaptive(feats, embedding)
         base = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False)
         return self.upsampler(feats) + base
+
+    def adaptation_names(self, scope: str) -> list[str]:
+        """Names of the parameters that fast adaptation changes (the set meta-training rehearses).
+
+        ``adaptive``: the domain-adaptive module only. ``adaptive+bias``: that plus every bias of
+        the rest of the network, a small set that can shift features per domain. ``all``: every
+        weight (plain fine-tuning, the baseline). An adapted model stores only these tensors.
+        """
+        if scope not in ADAPTATION_SCOPES:
+            raise ValueError(f"unknown adaptation scope {scope!r}; known: {ADAPTATION_SCOPES}")
+        return [
+            name for name, _ in self.named_parameters()
+            if scope == "all" or name.startswith("adaptive.") or (scope == "adaptive+bias" and name.endswith(".bias"))
+        ]
+
+    def adaptation_parameters(self, scope: str) -> list[nn.Parameter]:
+        params = dict(self.named_parameters())
+        return [params[n] for n in self.adaptation_names(scope)]
 
     def folded(self, embedding: torch.Tensor | None = None) -> "CDASR":
         """An equivalent copy for one fixed condition (see DomainAdaptiveModule.folded_copy)."""

@@ -5,19 +5,23 @@ which we keep one JSON document under the key ``clipsr``: architecture, scale, C
 identity, training data, parent model, code revision, metrics. The model id is derived from the
 weights' content hash, so two different weights never share an id.
 
+A *delta* checkpoint (an adapted domain model) stores only the tensors that adaptation changed
+and names its parent by id and content hash; its ``weights_sha256`` is still the hash of the full
+effective weights, so loading it onto the wrong parent is detected, not silently wrong.
+
 This module works on bytes; reading and writing URIs is :mod:`clipsr.storage`'s job.
 """
 from __future__ import annotations
 
-import hashlib
+import copy
 import json
 import struct
 from typing import Any
 
-import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from clipsr.digest import tensors_sha256
 from clipsr.models.cdasr import CDASR
 
 FORMAT = "clipsr.checkpoint"
@@ -29,37 +33,31 @@ class CheckpointError(ValueError):
     """A file that is not a clipsr checkpoint, or one that does not fit what it is loaded into."""
 
 
-def weights_sha256(state: dict[str, torch.Tensor]) -> str:
-    """Content hash of named tensors, independent of file layout and metadata."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
-        h.update(key.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.numpy().tobytes() if t.dtype != torch.bfloat16 else t.view(torch.int16).numpy().tobytes())
-    return h.hexdigest()
-
-
 def model_id(arch_name: str, scale: int, sha256: str) -> str:
     return f"{arch_name}-x{scale}-{sha256[:12]}"
 
 
-def to_bytes(model: CDASR, arch_name: str, arch_config: dict[str, Any], meta: dict[str, Any]) -> tuple[bytes, dict[str, Any]]:
-    """Serialise ``model``; returns the bytes and the full metadata written (with id and hash)."""
+def to_bytes(
+    model: CDASR, arch_name: str, arch_config: dict[str, Any], meta: dict[str, Any],
+    keys: list[str] | None = None,
+) -> tuple[bytes, dict[str, Any]]:
+    """Serialise ``model`` (only ``keys`` for a delta); returns the bytes and the metadata written."""
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    sha = weights_sha256(state)
+    sha = tensors_sha256(state)
+    stored = state if keys is None else {k: state[k] for k in keys}
     full = {
         **meta,
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
+        "kind": "full" if keys is None else "delta",
         "id": model_id(arch_name, model.scale, sha),
         "weights_sha256": sha,
+        "stored_sha256": tensors_sha256(stored),
         "arch": {"name": arch_name, "config": arch_config},
         "scale": model.scale,
     }
     full.setdefault("clip_encoder", None)
-    return st_save(state, metadata={METADATA_KEY: json.dumps(full, sort_keys=True)}), full
+    return st_save(stored, metadata={METADATA_KEY: json.dumps(full, sort_keys=True)}), full
 
 
 def read_metadata(data: bytes) -> dict[str, Any]:
@@ -81,15 +79,23 @@ def read_metadata(data: bytes) -> dict[str, Any]:
     return meta
 
 
-def from_bytes(data: bytes) -> tuple[CDASR, dict[str, Any]]:
-    """Rebuild the network a checkpoint describes and load its weights (strictly)."""
+def from_bytes(data: bytes, base: CDASR | None = None) -> tuple[CDASR, dict[str, Any]]:
+    """Rebuild the network a checkpoint describes; a delta is applied onto (a copy of) ``base``."""
     meta = read_metadata(data)
     state = st_load(data)
-    if weights_sha256(state) != meta["weights_sha256"]:
+    if tensors_sha256(state) != meta["stored_sha256"]:
         raise CheckpointError("checkpoint weights do not match their recorded sha256 (corrupt file?)")
-    model = CDASR(scale=meta["scale"], **meta["arch"]["config"])
+    delta = meta["kind"] == "delta"
+    if delta and base is None:
+        raise CheckpointError(f"{meta['id']} is a delta on {meta['parent']['id']}; its parent is needed to load it")
+    model = copy.deepcopy(base) if delta else CDASR(scale=meta["scale"], **meta["arch"]["config"])
+    unknown = set(state) - set(model.state_dict())
+    if unknown:
+        raise CheckpointError(f"checkpoint tensors do not fit architecture {meta['arch']['name']}: {sorted(unknown)[:3]}")
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=not delta)
     except RuntimeError as e:
         raise CheckpointError(f"checkpoint weights do not fit architecture {meta['arch']['name']}: {e}") from None
+    if delta and tensors_sha256(model.state_dict()) != meta["weights_sha256"]:
+        raise CheckpointError(f"{meta['id']} does not match the parent it was loaded onto")
     return model.eval(), meta
