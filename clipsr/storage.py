@@ -19,6 +19,7 @@ import logging
 import os
 import posixpath
 import random
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import fsspec
+import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
 from clipsr.imaging import IMAGE_EXTENSIONS, is_image_path
@@ -106,6 +108,38 @@ def _s3_filesystem(endpoint_url: str | None, env_digest: str, pid: int) -> fsspe
     if region:
         client_kwargs["region_name"] = region
     return s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True, use_listings_cache=False)
+
+
+def absolute(uri: str) -> str:
+    """Local paths made absolute (workers do not share the driver's working directory)."""
+    if _protocol(uri) in _LOCAL_PROTOCOLS:
+        return os.path.abspath(_local_path(uri))
+    return uri
+
+
+def pyarrow_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
+    """A pyarrow filesystem and path for ``uri``, for libraries that take one (Ray Train storage).
+
+    A bare ``pyarrow.fs.S3FileSystem()`` ignores AWS_ENDPOINT_URL, so the endpoint is passed
+    explicitly; credentials come from the standard AWS environment, as everywhere else.
+    """
+    import pyarrow.fs as pafs
+
+    proto = _protocol(uri)
+    if proto in _LOCAL_PROTOCOLS:
+        return pafs.LocalFileSystem(), os.path.abspath(_local_path(uri))
+    if proto in ("s3", "s3a"):
+        endpoint = s3_endpoint_url()
+        kwargs: dict = {}
+        if endpoint:
+            kwargs["endpoint_override"] = endpoint
+            kwargs["scheme"] = "https" if endpoint.startswith("https") else "http"
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        if region:
+            kwargs["region"] = region
+        return pafs.S3FileSystem(**kwargs), uri.split("://", 1)[1].rstrip("/")
+    fs, path = pafs.FileSystem.from_uri(uri)
+    return fs, path
 
 
 def safe_relative_key(rel: str) -> str:
@@ -380,3 +414,178 @@ def retry(fn: Callable[[], T], attempts: int = 5, base_delay: float = 0.2, max_d
                         attempt, attempts, delay, type(exc).__name__, exc)
             sleep(delay)
             attempt += 1
+
+
+# --- conditional writes ----------------------------------------------------------------------
+#
+# For writers that must not overwrite each other (registry versions, pointers). Local disks and
+# S3 only: other fsspec stores offer no conditional write here, and faking one with
+# exists-then-write would hide exactly the race these functions exist to prevent.
+#
+# Version tokens ("etags"): S3's ETag without quotes; on a local disk the content hash of the
+# file. Two versions with identical bytes then share a token, which is harmless for a
+# compare-and-swap: the state it compares is the same.
+
+# Local compare-and-swap also takes this lock: on NFS, flock is emulated with per-process POSIX
+# locks, which do not exclude two threads of one process.
+_LOCAL_CAS_LOCK = threading.Lock()
+
+
+def _require_conditional(uri: str) -> str:
+    protocol = _protocol(uri)
+    if protocol not in _LOCAL_PROTOCOLS + ("s3", "s3a"):
+        raise ValueError(f"conditional writes need a local path or s3:// URI, got {protocol}:// in {uri}")
+    return protocol
+
+
+def _s3_bucket_key(uri: str) -> tuple[fsspec.AbstractFileSystem, str, str]:
+    fs, path = filesystem(uri)
+    bucket, _, key = path.partition("/")
+    if not bucket or not key:
+        raise ValueError(f"need s3://BUCKET/KEY, got {uri!r}")
+    return fs, bucket, key
+
+
+def _s3_status(exc: BaseException) -> tuple[str, int]:
+    """Error code and HTTP status of an S3 error as s3fs raises it (a Python exception with the
+    botocore ClientError as its cause); ("", 0) for anything else."""
+    for e in (exc, exc.__cause__):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            code = str(response.get("Error", {}).get("Code", ""))
+            return code, int(response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+    return "", 0
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    code, status = _s3_status(exc)
+    return code == "PreconditionFailed" or status == 412
+
+
+def _retry_conditional(fn: Callable[[], T], attempts: int = 5) -> T:
+    """retry(fn), and also retry S3's 409 ConditionalRequestConflict: AWS answers it when another
+    write to the key was in flight, and says to retry (moto never sends it)."""
+    attempt = 1
+    while True:
+        try:
+            return retry(fn)
+        except OSError as exc:
+            code, status = _s3_status(exc)
+            if attempt >= attempts or not (code == "ConditionalRequestConflict" or status == 409):
+                raise
+            delay = min(2.0, 0.1 * 2 ** (attempt - 1)) * random.uniform(0.5, 1.0)
+            log.info("conditional write conflicted with another in flight; retrying in %.2f s", delay)
+            time.sleep(delay)
+            attempt += 1
+
+
+def read_bytes_with_etag(uri: str) -> tuple[bytes, str]:
+    """The whole object and its version token, from one consistent read (FileNotFoundError if
+    absent). S3: one GetObject, so the ETag names exactly the bytes returned."""
+    if _require_conditional(uri) in _LOCAL_PROTOCOLS:
+        data = read_bytes(uri)
+        return data, content_hash(data)
+    fs, bucket, key = _s3_bucket_key(uri)
+
+    async def get() -> tuple[bytes, str]:
+        response = await fs._call_s3("get_object", Bucket=bucket, Key=key)
+        try:
+            body = await response["Body"].read()
+        finally:
+            response["Body"].close()
+        return body, response["ETag"].strip('"')
+
+    return retry(lambda: fsspec.asyn.sync(fs.loop, get))
+
+
+def write_bytes_if_absent(uri: str, data: bytes) -> bool:
+    """Create the object only if nothing exists under its key, atomically.
+
+    True: the object now holds ``data``; False: another object was there, and is left alone.
+    An existing object with exactly these bytes counts as True: on S3 a retried PUT whose first
+    attempt landed (the SDK retries internally, out of our sight) answers 412 like a real
+    conflict, and the two cannot be told apart; local disks answer the same way for consistency.
+    Callers that need "created by me" put something unique in ``data``.
+
+    Local: a complete temporary file in the same folder, hard-linked to the final name (link
+    fails if the name exists; readers never see a partial file). S3: PutObject with
+    ``If-None-Match: *`` (AWS conditional writes; moto honours it too), large objects through a
+    multipart upload completed with the same condition.
+    """
+    if _require_conditional(uri) in _LOCAL_PROTOCOLS:
+        if _create_local(_local_path(uri), data):
+            return True
+    else:
+        fs, path = filesystem(uri)
+        try:
+            _retry_conditional(lambda: fs.pipe_file(path, data, mode="create"))
+            return True
+        except OSError as exc:
+            if not (isinstance(exc, FileExistsError) or _precondition_failed(exc)):
+                raise
+    try:
+        return read_bytes(uri) == data
+    except FileNotFoundError:  # deleted since: still not ours to claim
+        return False
+
+
+def _create_local(path: str, data: bytes) -> bool:
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(temp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(temp, os.path.join(folder, name))
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+
+
+def write_bytes_if_match(uri: str, data: bytes, etag: str) -> bool:
+    """Replace the object only if it is still the version ``etag`` (compare-and-swap).
+
+    False: it changed or was deleted since that token was read; re-read and decide again (on S3 a
+    retried PUT whose first attempt landed also answers 412, so the re-read may find this very
+    write: compare before writing again).
+    S3: PutObject with ``If-Match`` (one PUT, so up to 5 GiB: meant for small documents).
+    Local: an exclusive flock on a hidden ``.NAME.lock`` next to the target around read, compare
+    and atomic replace; every local writer of the object must come through here (plain writes
+    do not take the lock). The lock file stays; the kernel drops the lock if a holder dies.
+    """
+    if _require_conditional(uri) in _LOCAL_PROTOCOLS:
+        return _replace_local_if_match(_local_path(uri), data, etag)
+    fs, bucket, key = _s3_bucket_key(uri)
+    quoted = etag if etag.startswith('"') else f'"{etag}"'
+    try:
+        _retry_conditional(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=quoted))
+        return True
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        if _precondition_failed(exc):
+            return False
+        raise
+
+
+def _replace_local_if_match(path: str, data: bytes, etag: str) -> bool:
+    import fcntl
+
+    folder, name = os.path.split(os.path.abspath(path))
+    if not os.path.isdir(folder):  # so the object is absent too
+        return False
+    with _LOCAL_CAS_LOCK, open(os.path.join(folder, f".{name}.lock"), "ab") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            current = _read_local(path)
+        except FileNotFoundError:
+            return False
+        if content_hash(current) != etag:
+            return False
+        _write_local_atomic(path, data)
+        return True
