@@ -183,9 +183,9 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
         return _decode_pil(im, data)
 
 
-def load_rgb_or_grey_uint8(data: bytes) -> np.ndarray:
+def load_rgb_or_grey_uint8(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """uint8 HxWxC for evaluation: C=1 for grey sources, 3 otherwise; alpha dropped; 16-bit /257."""
-    d = decode(data)
+    d = decode(data, max_pixels=max_pixels)
     if d.bit_depth == 16:
         return np.round(to_uint16(d.pixels) / 257.0).astype(np.uint8)
     return to_uint8(d.pixels)

@@ -47,3 +47,21 @@ def s3_bucket(s3_server):
         for obj in page.get("Contents", ()):
             client.delete_object(Bucket=name, Key=obj["Key"])
     client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """One local Ray for the whole session, started after the S3 server so workers see its endpoint.
+
+    Four logical CPUs on a 2-core machine: Train workers and Data tasks ask for fractions of them,
+    and the slack keeps a pool from starving the tasks that feed it.
+    """
+    ray = pytest.importorskip("ray")
+    from clipsr.ray_runtime import worker_env
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             runtime_env={"env_vars": worker_env()}, log_to_driver=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

@@ -1,0 +1,43 @@
+"""Joining or starting Ray the same way in every job.
+
+``ray.init()`` with no address silently joins any Ray already running on the machine, and workers
+get that cluster's environment, not the driver's. So: join RAY_ADDRESS when it is set, otherwise
+start a fresh local Ray; and hand workers the storage settings they need explicitly.
+
+Credentials are *not* forwarded: Ray writes a runtime environment's variables into its own log
+files. A local Ray inherits them from the driver's environment; on a cluster they come from the
+workers' own environment (pod secrets, instance roles).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import ray
+
+log = logging.getLogger(__name__)
+
+#: Non-secret settings workers need to reach object storage.
+FORWARDED_ENV = (
+    "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE",
+    "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE",
+)
+
+
+def worker_env() -> dict[str, str]:
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+
+
+def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> bool:
+    """Connect to Ray; returns True when this call started it (the caller then shuts it down)."""
+    if ray.is_initialized():
+        return False
+    runtime_env = {"env_vars": worker_env()}
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("joining Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return True
+    log.info("starting a local Ray (set RAY_ADDRESS to use a cluster)")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env)
+    return True
