@@ -1,0 +1,1 @@
+"""Few-shot domain adaptation: one domain (fast.py), many in parallel on Ray (parallel.py)."""

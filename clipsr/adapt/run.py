@@ -1,0 +1,177 @@
+"""Adapting many domains at once: one Ray task per domain, each publishing to the registry.
+
+A domain is an independent unit of work with its own CPU (or GPU) budget, so on a cluster 20
+domains take about the time of one. Ray tasks rather than Ray Train or Tune: each domain is a
+short single-process job with no gradient exchange and no trial search across domains, and a
+task failure is just that domain's failure. Each task publishes its own result, so a finished
+domain is kept even if the driver dies.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from clipsr import imaging, storage
+from clipsr.adapt.fast import AdaptSettings, adapt_domain
+from clipsr.adapt.spec import DomainSpec
+from clipsr.factory import encode_checkpoint, load_checkpoint
+from clipsr.provenance import code_revision, utc_now
+
+log = logging.getLogger(__name__)
+
+REPORT_COLUMNS = (
+    "domain", "status", "error", "version", "ref", "promoted", "heldout_psnr_y_before",
+    "heldout_psnr_y_after", "gain_db", "steps", "lr", "scope", "shots", "seconds", "model_id",
+)
+
+
+def _read_shots(uris: list[str]) -> tuple[list[np.ndarray], list[dict[str, str]]]:
+    shots, exemplars = [], []
+    for uri in uris:
+        data = storage.retry(lambda uri=uri: storage.read_bytes(uri))
+        try:
+            img = imaging.load_rgb_or_grey_uint8(data)
+        except imaging.ImageDecodeError as e:
+            raise ValueError(f"exemplar {uri} cannot be read: {e}") from None
+        shots.append(np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img)
+        exemplars.append({"uri": uri, "sha256": hashlib.sha256(data).hexdigest()})
+    return shots, exemplars
+
+
+def _centroid(shots: list[np.ndarray], encoder_spec: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
+    """Mean embedding of the shots (L2-normalised): where this domain sits, for routing."""
+    from clipsr.clip import load_image_encoder
+
+    enc = load_image_encoder(encoder_spec["arch"], encoder_spec.get("weights"), seed=encoder_spec.get("seed", 0))
+    c = enc.embed_images(shots).mean(axis=0)
+    return c / max(np.linalg.norm(c), 1e-12), enc.identity.to_dict()
+
+
+def adapt_one(
+    spec: DomainSpec, source_spec: str, settings: AdaptSettings, registry_uri: str,
+    routing_encoder: dict[str, Any], threads: int,
+) -> dict[str, Any]:
+    """Adapt and publish one domain; never raises: a failure is a report row."""
+    from clipsr.registry import Registry
+
+    torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"domain": spec.name, "status": "failed"}
+    try:
+        source, smeta = load_checkpoint(source_spec)
+        if spec.scale is not None and spec.scale != source.scale:
+            raise ValueError(f"domain asks for x{spec.scale}, the source model is x{source.scale}")
+        uris = spec.exemplar_uris()
+        shots, exemplars = _read_shots(uris)
+        result = adapt_domain(source, smeta, shots, settings)
+        centroid, centroid_encoder = _centroid(shots, routing_encoder)
+        scores = {
+            "heldout_psnr_y_before": result.heldout_before, "heldout_psnr_y_after": result.heldout_after,
+            "gain_db": result.gain_db, "heldout_shots": settings.holdout, "selection_curve": result.curve,
+        }
+        chosen = {"scope": result.scope, "lr": result.lr, "steps": result.steps,
+                  "selection": dataclasses.asdict(settings)}
+        data, meta = encode_checkpoint(
+            result.model, smeta["arch"]["name"], clip_encoder=smeta["clip_encoder"],
+            training_data={"domain": spec.name, "exemplars": exemplars},
+            parent={"id": smeta["id"], "weights_sha256": smeta["weights_sha256"]}, parent_spec=source_spec,
+            metrics=scores, settings=chosen,
+            delta_keys=None if result.scope == "all" else result.model.adaptation_names(result.scope),
+        )
+        promoted = result.gain_db > 0
+        entry = {
+            "domain": spec.name,
+            "created": utc_now(),
+            "model": {"id": meta["id"], "weights_sha256": meta["weights_sha256"], "kind": meta["kind"]},
+            "source_model": {"id": smeta["id"], "weights_sha256": smeta["weights_sha256"], "spec": source_spec},
+            "clip_encoder": smeta["clip_encoder"],
+            "centroid_encoder": centroid_encoder,
+            "exemplars": exemplars,
+            "settings": chosen,
+            "scores": scores,
+            "seconds": time.perf_counter() - t0,
+            "code_revision": code_revision(),
+            "promoted": promoted,
+            "reason": (f"held-out Y-PSNR {result.gain_db:+.3f} dB vs the source model"
+                       + ("" if promoted else ": not better, kept but not promoted")),
+            "notes": spec.notes,
+        }
+        published = Registry(registry_uri).publish(spec.name, data, entry, centroid=centroid, promote=promoted)
+        row.update(
+            status="ok", version=published.version, ref=published.ref, promoted=promoted,
+            heldout_psnr_y_before=result.heldout_before, heldout_psnr_y_after=result.heldout_after,
+            gain_db=result.gain_db, steps=result.steps, lr=result.lr, scope=result.scope,
+            shots=len(shots), model_id=meta["id"],
+        )
+    except Exception as e:  # noqa: BLE001 - one domain's failure must not stop the others
+        log.exception("domain %s failed", spec.name)
+        row["error"] = f"{type(e).__name__}: {e}"
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    return row
+
+
+def adapt_many(
+    specs: list[DomainSpec], source_spec: str, settings: AdaptSettings, registry_uri: str,
+    routing_encoder: dict[str, Any], cpus_per_domain: float = 1.0, gpus_per_domain: float = 0.0,
+    on_done: Callable[[dict[str, Any]], None] | None = None,
+) -> list[dict[str, Any]]:
+    """Run :func:`adapt_one` for every spec as Ray tasks; rows come back in spec order."""
+    import ray
+
+    names = [s.name for s in specs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"domain names must be unique, got {names}")
+    task = ray.remote(num_cpus=cpus_per_domain, num_gpus=gpus_per_domain, max_retries=0)(adapt_one)
+    threads = max(1, int(round(cpus_per_domain)))
+    refs = {task.remote(s, source_spec, settings, registry_uri, routing_encoder, threads): s.name for s in specs}
+    rows: dict[str, dict[str, Any]] = {}
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        name = refs[done[0]]
+        try:
+            row = ray.get(done[0])
+        except Exception as e:  # noqa: BLE001 - the worker itself died (OOM, node lost)
+            row = {"domain": name, "status": "failed", "error": f"{type(e).__name__}: {e}"}
+        rows[name] = row
+        if on_done is not None:
+            on_done(row)
+    return [rows[n] for n in names]
+
+
+def write_report(rows: list[dict[str, Any]], uri_base: str) -> tuple[str, str]:
+    """The report as JSON and Parquet (``uri_base`` + .json / .parquet)."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({c: [r.get(c) for r in rows] for c in REPORT_COLUMNS})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes_atomic(uri_base + ".parquet", buf.getvalue())
+    storage.write_bytes_atomic(uri_base + ".json", json.dumps(rows, indent=2, default=str).encode())
+    return uri_base + ".json", uri_base + ".parquet"
+
+
+def format_report(rows: list[dict[str, Any]]) -> str:
+    lines = [f"{'domain':<16}{'status':<8}{'version':>8}{'before':>9}{'after':>9}{'gain dB':>9}"
+             f"{'steps':>7}{'lr':>9}{'secs':>7}  note"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['domain']:<16}{r['status']:<8}{'':>57}  {r.get('error', '')}")
+            continue
+        note = "promoted" if r["promoted"] else "NOT promoted (no held-out gain)"
+        lines.append(
+            f"{r['domain']:<16}{r['status']:<8}{'v' + str(r['version']):>8}{r['heldout_psnr_y_before']:>9.3f}"
+            f"{r['heldout_psnr_y_after']:>9.3f}{r['gain_db']:>+9.3f}{r['steps']:>7}{r['lr']:>9.1e}"
+            f"{r['seconds']:>7.0f}  {note}"
+        )
+    return "\n".join(lines)

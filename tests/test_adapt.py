@@ -1,0 +1,143 @@
+"""Few-shot adaptation: parallel domains on a local Ray, failures isolated, results in the registry."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clipsr import storage
+from clipsr.adapt.fast import AdaptSettings, adapt_domain
+from clipsr.adapt.spec import DomainSpec
+from clipsr.factory import create_model, load_checkpoint, save_checkpoint
+from clipsr.models.checkpoint import CheckpointError
+
+SETTINGS = AdaptSettings(lrs=(1e-3,), max_steps=4, eval_every=2, batch=2, lr_patch=12, holdout=1,
+                         budget_seconds=60)
+
+
+def _png(seed: int, grey: bool = False, size: int = 40) -> bytes:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = np.stack([np.sin((3 + c + seed % 3) * np.pi * (xx + c * yy)) for c in range(3)], -1) * 0.4 + 0.5
+    img = np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1)
+    arr = (img * 255).astype(np.uint8)
+    pil = Image.fromarray(arr[..., 0] if grey else arr)
+    buf = io.BytesIO()
+    pil.save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def source(tmp_path):
+    torch.manual_seed(0)
+    uri = str(tmp_path / "source.safetensors")
+    save_checkpoint(uri, create_model("cdasr-tiny", 2), "cdasr-tiny")
+    return uri
+
+
+def _domain(root, name: str, n: int = 4, grey: bool = False) -> str:
+    for i in range(n):
+        storage.write_bytes_atomic(f"{root}/{name}/{i:02d}.png", _png(i + 10 * len(name), grey))
+    return f"{root}/{name}"
+
+
+def test_adapt_domain_stores_only_what_changed(source, tmp_path):
+    model, meta = load_checkpoint(source)
+    shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(4)]
+    result = adapt_domain(model, meta, shots, SETTINGS)
+    assert result.steps in (0, 2, 4) and result.curve["0.001"]
+    changed = {k for k, v in result.model.state_dict().items() if not torch.equal(v, model.state_dict()[k])}
+    assert changed <= set(model.adaptation_names("adaptive+bias"))
+    with pytest.raises(ValueError, match="smaller than one"):
+        adapt_domain(model, meta, [s[:10, :10] for s in shots], SETTINGS)
+
+
+@pytest.mark.slow
+def test_parallel_domains_publish_and_a_broken_one_is_reported(ray_local, s3_bucket, source, tmp_path):
+    from clipsr.adapt.run import adapt_many
+    from clipsr.registry import Registry
+
+    data = str(tmp_path / "data")
+    good_a, good_b = _domain(data, "photos"), _domain(data, "pages", grey=True)
+    broken = _domain(data, "broken")
+    storage.write_bytes_atomic(f"{broken}/01.png", b"not an image at all")
+    registry = f"{s3_bucket}/registry"
+    specs = [DomainSpec.shorthand(f"photos={good_a}", 4, 2), DomainSpec.shorthand(f"pages={good_b}", 4, 2),
+             DomainSpec.shorthand(f"broken={broken}", 4, 2)]
+    rows = adapt_many(specs, source, SETTINGS, registry, {"arch": "color-stats"}, cpus_per_domain=0.5)
+
+    by = {r["domain"]: r for r in rows}
+    assert by["broken"]["status"] == "failed" and "01.png" in by["broken"]["error"]
+    reg = Registry(registry)
+    for name in ("photos", "pages"):
+        row = by[name]
+        assert row["status"] == "ok" and row["version"] == 1, row
+        assert row["promoted"] == (row["gain_db"] > 0)
+        entry = reg.get(name, 1)
+        doc = entry.doc
+        assert doc["source_model"]["weights_sha256"] and doc["code_revision"] and doc["seconds"] > 0
+        assert [e["uri"] for e in doc["exemplars"]] == storage.list_images(f"{data}/{name}")
+        assert all(len(e["sha256"]) == 64 for e in doc["exemplars"])
+        assert entry.centroid is not None and abs(np.linalg.norm(entry.centroid) - 1) < 1e-5
+        # the stored model is a delta on the source, loadable by reference
+        model, meta = load_checkpoint(f"{registry}/{name}/v1")
+        assert meta["kind"] == "delta" and meta["parent"]["weights_sha256"] == load_checkpoint(source)[1]["weights_sha256"]
+    assert "broken" not in reg.domains()
+
+    # a second run is a new version; the first stays as it was
+    rows2 = adapt_many(specs[:1], source, SETTINGS, registry, {"arch": "color-stats"}, cpus_per_domain=0.5)
+    assert rows2[0]["version"] == 2
+    assert reg.get("photos", 1).doc == Registry(registry).get("photos", 1).doc
+
+
+def test_a_delta_refuses_a_different_parent(source, tmp_path):
+    from clipsr.factory import encode_checkpoint
+
+    model, meta = load_checkpoint(source)
+    with torch.no_grad():
+        model.adaptive.fusion.bias.add_(0.1)
+    data, _ = encode_checkpoint(model, "cdasr-tiny", parent={"id": meta["id"], "weights_sha256": meta["weights_sha256"]},
+                                parent_spec=source, delta_keys=model.adaptation_names("adaptive"))
+    delta = tmp_path / "delta.safetensors"
+    delta.write_bytes(data)
+    loaded, _ = load_checkpoint(str(delta))
+    torch.testing.assert_close(loaded.adaptive.fusion.bias, model.adaptive.fusion.bias)
+    # the source is replaced by different weights under the same name: refused, not silently wrong
+    torch.manual_seed(1)
+    save_checkpoint(source, create_model("cdasr-tiny", 2), "cdasr-tiny")
+    with pytest.raises(CheckpointError, match="was adapted from"):
+        load_checkpoint(str(delta))
+
+
+def test_an_adapted_domain_is_evaluated_and_routed_by_reference(source, tmp_path, capsys):
+    import json
+
+    from clipsr.adapt.run import adapt_one
+    from clipsr.cli import main
+    from clipsr.enhance.routing import build_router, resolve_model
+
+    data = str(tmp_path / "data")
+    folder = _domain(data, "maps", n=5)
+    registry = str(tmp_path / "registry")
+    row = adapt_one(DomainSpec.shorthand(f"maps={folder}", 4, 2), source, SETTINGS, registry,
+                    {"arch": "color-stats"}, threads=1)
+    assert row["status"] == "ok", row
+    if not row["promoted"]:  # make it current by hand, as an operator's rollback/promotion would
+        from clipsr.registry import Registry
+
+        Registry(registry).set_current("maps", row["version"])
+
+    # clipsr evaluate --model REGISTRY/DOMAIN: the current version; REGISTRY/DOMAIN/vN: that one
+    for ref in (f"{registry}/maps", f"{registry}/maps/v{row['version']}"):
+        report = tmp_path / "r.json"
+        assert main(["evaluate", "--model", ref, "--scale", "2", "--data", f"maps={folder}",
+                     "--skip-first", "4", "--report", str(report)]) == 0
+        assert json.loads(report.read_text())["model"]["id"] == row["model_id"]
+
+    # enhancement backfill of one domain pins that version
+    router = build_router(resolve_model(source, 2), registry=registry, domain="maps")
+    route = router.route("any/key.png")
+    assert (route.domain, route.model.version, route.model.id) == ("maps", f"v{row['version']}", row["model_id"])
