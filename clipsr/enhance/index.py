@@ -1,0 +1,160 @@
+"""The incremental index: the latest ok state of every key, so a nightly run can skip unchanged
+inputs from the listing alone, without reading years of manifests.
+
+Stored under ``<output>/_index/``: ``index.json`` names the current generation's Parquet parts
+(one row per key, sorted by key) and the runs that started since it was written
+(``in_progress``). A run registers itself there when it starts and writes a new generation when
+it ends, folding in its own ok rows and those of every earlier run that never finished (killed,
+or failed before the end): their manifest parts hold an ok row only for outputs already committed,
+so a rerun skips exactly the finished images. Generations are written whole, then ``index.json``
+is replaced atomically, then old generations are removed. Runs are serialised by the lock.
+
+Held on the driver in SQLite on local disk (the ``idx`` table), never as a Python dict: memory
+stays flat at millions of keys.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from clipsr import storage
+from clipsr.enhance import manifest
+
+log = logging.getLogger(__name__)
+
+INDEX_VERSION = 1
+ROWS_PER_PART = 1_000_000
+SCHEMA = pa.schema([
+    ("key", pa.string()), ("size", pa.int64()), ("etag", pa.string()), ("mtime_ms", pa.int64()),
+    ("model_id", pa.string()), ("model_version", pa.string()), ("domain", pa.string()),
+    ("scale", pa.int32()), ("output_uri", pa.string()), ("output_size", pa.int64()), ("run_id", pa.string()),
+])
+_COLUMNS = SCHEMA.names
+_MANIFEST_COLUMNS = ["status", "input_key", "input_size", "input_etag", "input_mtime", "model_id",
+                     "model_version", "domain", "scale", "output_uri", "output_size", "run_id"]
+
+
+@dataclass
+class IndexMeta:
+    generation: str | None = None  # run id that wrote the current parts
+    parts: list[str] = field(default_factory=list)  # relative to the index folder
+    rows: int = 0
+    in_progress: list[dict[str, str]] = field(default_factory=list)  # {"run_id", "manifest"}
+
+    def to_json(self) -> bytes:
+        return json.dumps({"version": INDEX_VERSION, "generation": self.generation, "parts": self.parts,
+                           "rows": self.rows, "in_progress": self.in_progress}, indent=1).encode()
+
+
+def create_table(db: sqlite3.Connection) -> None:
+    db.execute("CREATE TABLE idx (key TEXT PRIMARY KEY, size INTEGER, etag TEXT, mtime_ms INTEGER, "
+               "model_id TEXT, model_version TEXT, domain TEXT, scale INTEGER, output_uri TEXT, "
+               "output_size INTEGER, run_id TEXT)")
+
+
+_UPSERT = (f"INSERT INTO idx ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
+           "ON CONFLICT(key) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
+           + " WHERE excluded.run_id >= idx.run_id")
+
+
+def upsert(db: sqlite3.Connection, rows: Iterable[tuple]) -> None:
+    """Insert or replace index rows; an older run's row never replaces a newer one's."""
+    db.executemany(_UPSERT, rows)
+
+
+class IndexStore:
+    """The index of one output prefix."""
+
+    def __init__(self, index_uri: str) -> None:
+        self.uri = index_uri
+        self.meta_uri = f"{index_uri}/index.json"
+
+    def read_meta(self) -> IndexMeta:
+        try:
+            doc = json.loads(storage.read_bytes(self.meta_uri))
+        except FileNotFoundError:
+            return IndexMeta()
+        if doc.get("version") != INDEX_VERSION:
+            raise ValueError(f"{self.meta_uri}: unsupported index version {doc.get('version')!r}")
+        return IndexMeta(doc["generation"], list(doc["parts"]), int(doc["rows"]), list(doc["in_progress"]))
+
+    def write_meta(self, meta: IndexMeta) -> None:
+        storage.write_bytes_atomic(self.meta_uri, meta.to_json())
+
+    def load(self, db: sqlite3.Connection, meta: IndexMeta) -> int:
+        """Load the current generation into ``idx``; returns the number of rows."""
+        count = 0
+        for part in meta.parts:
+            table = pq.read_table(io.BytesIO(storage.read_bytes(f"{self.uri}/{part}")))
+            for batch in table.to_batches(max_chunksize=50_000):
+                rows = list(zip(*(batch.column(c).to_pylist() for c in _COLUMNS)))
+                upsert(db, rows)
+                count += len(rows)
+        return count
+
+    def begin(self, run_id: str, manifest_uri: str) -> list[dict[str, str]]:
+        """Register a starting run; returns the earlier runs that never finished."""
+        meta = self.read_meta()
+        unfinished = [r for r in meta.in_progress if r["run_id"] != run_id]
+        meta.in_progress = unfinished + [{"run_id": run_id, "manifest": manifest_uri}]
+        self.write_meta(meta)
+        return unfinished
+
+    def commit(self, db: sqlite3.Connection, run_id: str, merged: Iterable[str]) -> IndexMeta:
+        """Write ``idx`` as a new generation and drop ``merged`` runs from in_progress."""
+        old = self.read_meta()
+        merged = set(merged)
+        meta = IndexMeta(generation=run_id, in_progress=[r for r in old.in_progress if r["run_id"] not in merged])
+        cursor = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM idx ORDER BY key")
+        while True:
+            rows = cursor.fetchmany(ROWS_PER_PART)
+            if not rows:
+                break
+            table = pa.Table.from_pylist([dict(zip(_COLUMNS, r)) for r in rows], schema=SCHEMA)
+            buf = io.BytesIO()
+            pq.write_table(table, buf, compression="zstd")
+            part = f"gen={run_id}/part-{len(meta.parts):05d}.parquet"
+            storage.write_bytes_atomic(f"{self.uri}/{part}", buf.getvalue())
+            meta.parts.append(part)
+            meta.rows += len(rows)
+        self.write_meta(meta)
+        self._remove_other_generations(meta)
+        return meta
+
+    def _remove_other_generations(self, meta: IndexMeta) -> None:
+        keep = set(meta.parts) | {"index.json"}
+        for info in storage.iter_objects(self.uri):
+            if info.key not in keep:
+                storage.delete(info.uri)
+
+
+def manifest_ok_rows(run_uri: str) -> Iterable[list[tuple]]:
+    """A run's ok rows as index rows, one list per manifest part."""
+    for part in manifest.iter_parts(run_uri):
+        table = manifest.read_part(part, _MANIFEST_COLUMNS)
+        table = table.filter(pc.equal(table.column("status"), "ok"))
+        if table.num_rows == 0:
+            continue
+        mtime = table.column("input_mtime").cast(pa.int64()).to_pylist()
+        cols: dict[str, Any] = {c: table.column(c).to_pylist() for c in _MANIFEST_COLUMNS}
+        yield list(zip(cols["input_key"], cols["input_size"], cols["input_etag"], mtime, cols["model_id"],
+                       cols["model_version"], cols["domain"], cols["scale"], cols["output_uri"],
+                       cols["output_size"], cols["run_id"]))
+
+
+def merge_run(db: sqlite3.Connection, run_uri: str) -> int:
+    """Fold one run's ok rows into ``idx``; returns how many."""
+    count = 0
+    for rows in manifest_ok_rows(run_uri):
+        upsert(db, rows)
+        count += len(rows)
+    return count

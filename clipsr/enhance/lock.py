@@ -1,0 +1,261 @@
+"""One run at a time per output prefix: a lock object created with an exclusive write.
+
+``<output>/_lock`` holds JSON: the run id, host, pid, and a heartbeat the holder refreshes every
+ttl/4 seconds. A second run (a nightly while a backfill runs) finds it and stops with exit status
+1 and a message naming the holder. A lock is stale, and is taken over, when its heartbeat is older
+than its ttl, or at once when it was written on this host by a process that no longer exists (a
+killed local run). Every write is conditional, so two runs racing for a stale lock cannot both win:
+
+- S3: ``PutObject`` with ``If-None-Match: *`` to create, ``If-Match: <ETag>`` to refresh or take over
+  (conditional writes, supported by AWS S3 since 2024 and by moto).
+- local disks: create by hard-linking a complete temporary file (atomic, fails if the name
+  exists); refresh and take over by comparing the content first (a narrow race, acceptable on one
+  machine; use S3 for shared outputs).
+
+Other protocols are refused: their stores offer no conditional write here.
+
+These conditional primitives belong in storage.py (the one module that knows filesystems); they
+live here until storage grows ``write_bytes_exclusive``/``replace_if_match``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Callable
+
+from clipsr import storage
+
+log = logging.getLogger(__name__)
+
+
+class LockHeldError(RuntimeError):
+    """Another live run holds the output prefix."""
+
+
+class _Conflict(Exception):
+    """A conditional write found the object changed (or present) since it was read."""
+
+
+# --- conditional object primitives -----------------------------------------------------------
+
+
+def _is_s3(uri: str) -> bool:
+    return uri.lower().startswith(("s3://", "s3a://"))
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.lower().startswith("file://")
+
+
+def _local(uri: str) -> str:
+    return uri[len("file://"):] if uri.lower().startswith("file://") else uri
+
+
+def _s3(uri: str):
+    fs, path = storage.filesystem(uri)
+    bucket, _, key = path.partition("/")
+    return fs, bucket, key
+
+
+def _precondition_failed(e: OSError) -> bool:
+    """s3fs turns HTTP 412 into FileExistsError (If-None-Match) or OSError(EINVAL) (If-Match), and a
+    conditional write to a deleted object into FileNotFoundError."""
+    return isinstance(e, (FileExistsError, FileNotFoundError)) or "pre-condition" in str(e)
+
+
+def _read(uri: str) -> tuple[bytes, str] | None:
+    """The object and a version token (ETag on S3, content hash locally), or None if absent.
+
+    S3: the ETag is read before the body, so a token never names newer content than was read; a
+    change in between makes the following conditional write fail, which is the safe outcome.
+    """
+    if _is_s3(uri):
+        fs, path = storage.filesystem(uri)
+        try:
+            fs.invalidate_cache(path)
+            etag = storage.retry(lambda: fs.info(path))["ETag"]
+            return storage.retry(lambda: fs.cat_file(path)), etag
+        except FileNotFoundError:
+            return None
+    try:
+        with open(_local(uri), "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _create(uri: str, data: bytes) -> str:
+    """Create the object only if absent; returns its version token; raises _Conflict if present."""
+    if _is_s3(uri):
+        fs, bucket, key = _s3(uri)
+        try:
+            out = storage.retry(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"))
+        except OSError as e:
+            if _precondition_failed(e):
+                raise _Conflict(str(e)) from None
+            raise
+        return out["ETag"]
+    path = _local(uri)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+    with open(temp, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        raise _Conflict(f"{uri} exists") from None
+    finally:
+        os.unlink(temp)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _replace(uri: str, data: bytes, token: str) -> str:
+    """Replace the object only if it is still at version ``token``; returns the new token."""
+    if _is_s3(uri):
+        fs, bucket, key = _s3(uri)
+        try:
+            out = storage.retry(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=token))
+        except OSError as e:
+            if _precondition_failed(e):
+                raise _Conflict(str(e)) from None
+            raise
+        return out["ETag"]
+    current = _read(uri)
+    if current is None or current[1] != token:
+        raise _Conflict(f"{uri} changed")
+    storage.write_bytes_atomic(uri, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _check_supported(uri: str) -> None:
+    if not (_is_s3(uri) or _is_local(uri)):
+        raise ValueError(f"the run lock needs a local or s3:// output prefix, got {uri}")
+
+
+# --- the lock --------------------------------------------------------------------------------
+
+
+class RunLock:
+    """The lock of one output prefix, held by one run (use as a context manager)."""
+
+    def __init__(self, uri: str, run_id: str, ttl_s: float = 600.0, clock: Callable[[], float] = time.time) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"lock ttl must be positive, got {ttl_s}")
+        _check_supported(uri)
+        self.uri, self.run_id, self.ttl_s, self.clock = uri, run_id, ttl_s, clock
+        self.lost = False
+        self._token: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._mutex = threading.Lock()
+
+    def _document(self) -> bytes:
+        now = self.clock()
+        return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
+                           "heartbeat": now, "ttl_s": self.ttl_s,
+                           "expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + self.ttl_s))}).encode()
+
+    def stale_reason(self, holder: dict) -> str | None:
+        """Why a lock document no longer protects a live run, or None if it does."""
+        age = self.clock() - float(holder.get("heartbeat", 0))
+        if age > float(holder.get("ttl_s", self.ttl_s)):
+            return f"heartbeat {age:.0f} s old"
+        if holder.get("host") == socket.gethostname() and not _pid_alive(int(holder.get("pid", -1))):
+            return f"its process {holder.get('pid')} on this host has exited"
+        return None
+
+    def acquire(self) -> None:
+        try:
+            self._token = _create(self.uri, self._document())
+            return
+        except _Conflict:
+            pass
+        current = _read(self.uri)
+        if current is None:  # released between our two calls: try once more
+            self._token = _create_or_raise(self.uri, self._document(), self.run_id)
+            return
+        data, token = current
+        try:
+            holder = json.loads(data)
+        except ValueError:
+            holder = {}
+        reason = self.stale_reason(holder)
+        if reason is None:
+            age = self.clock() - float(holder.get("heartbeat", 0))
+            raise LockHeldError(
+                f"output prefix is locked by run {holder.get('run_id')} (host {holder.get('host')}, "
+                f"heartbeat {age:.0f} s ago, expires {holder.get('expires')}); two runs on one output "
+                f"prefix would corrupt its index. Wait for it, or remove {self.uri} if that run is dead")
+        try:
+            self._token = _replace(self.uri, self._document(), token)
+        except _Conflict:
+            raise LockHeldError(f"another run took over the stale lock {self.uri} first") from None
+        log.warning("took over the lock of run %s (%s)", holder.get("run_id"), reason)
+
+    def refresh(self) -> None:
+        """Renew the heartbeat; marks the lock lost if someone else replaced it."""
+        with self._mutex:
+            if self._token is None or self.lost:
+                return
+            try:
+                self._token = _replace(self.uri, self._document(), self._token)
+            except _Conflict:
+                self.lost = True
+                log.error("lost the run lock %s: another run replaced it", self.uri)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.ttl_s / 4):
+            try:
+                self.refresh()
+            except Exception as e:  # noqa: BLE001  a failed heartbeat is retried at the next beat
+                log.warning("lock heartbeat failed (will retry): %s", e)
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._mutex:
+            if self._token is None or self.lost:
+                return
+            current = _read(self.uri)
+            if current is not None and current[1] == self._token:
+                storage.delete(self.uri)
+            self._token = None
+
+    def __enter__(self) -> "RunLock":
+        self.acquire()
+        self._thread = threading.Thread(target=self._beat, name="clipsr-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _create_or_raise(uri: str, data: bytes, run_id: str) -> str:
+    try:
+        return _create(uri, data)
+    except _Conflict:
+        raise LockHeldError(f"output prefix lock {uri} was taken by another run while run {run_id} started") from None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+

@@ -1,0 +1,100 @@
+"""The enhancement job's options and their command line, shared by ``clipsr enhance`` and
+``jobs/enhance.py``. Imports nothing heavy, so building the parser stays fast."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+DEFAULT_MAX_OUTPUT_PIXELS = 64_000_000
+FORMATS = ("png", "jpeg", "webp", "tiff")
+
+
+@dataclass
+class EnhanceOptions:
+    input: str
+    output: str
+    manifest: str | None = None
+    models: str | None = None
+    route: str | None = None
+    route_map: str | None = None
+    domain: str | None = None
+    model: str = "default"
+    scale: int | None = None
+    format: str | None = None
+    max_failed_fraction: float = 0.01
+    limit: int | None = None
+    dry_run: bool = False
+    max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS
+    image_timeout: float = 600.0
+    clip_weights: str | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    tile: int = 256
+    actors: int | None = None
+    threads: int | None = None
+    lock_ttl: float = 600.0
+
+    def check(self) -> None:
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            raise ValueError(f"--max-failed-fraction must be in [0, 1], got {self.max_failed_fraction}")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"--limit must be at least 1, got {self.limit}")
+        if self.max_output_pixels < 1:
+            raise ValueError(f"--max-output-pixels must be positive, got {self.max_output_pixels}")
+        if self.image_timeout <= 0:
+            raise ValueError(f"--image-timeout must be positive, got {self.image_timeout}")
+        if self.format is not None and self.format.lower() not in FORMATS + ("jpg", "tif"):
+            raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "EnhanceOptions":
+        return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
+
+
+def _pixels(text: str) -> int:
+    """Whole numbers, also written as 64e6 or 64_000_000."""
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of pixels, got {text!r}") from None
+    if value < 1 or value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a positive whole number of pixels, got {text!r}")
+    return int(value)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="folder or s3:// prefix of the images to enhance")
+    p.add_argument("--output", required=True,
+                   help="folder or s3:// prefix for the outputs (same relative keys), the index and the lock")
+    p.add_argument("--manifest", help="where Parquet manifests go, partitioned run=<run_id>/ "
+                                      "(default: <output>/_manifests)")
+    p.add_argument("--models", metavar="REGISTRY", help="model registry URI (arrives with `clipsr adapt`)")
+    route = p.add_mutually_exclusive_group()
+    route.add_argument("--route", choices=["auto"], help="route each image to the nearest domain (registry)")
+    route.add_argument("--route-map", metavar="FILE", help="YAML/JSON mapping of key prefix -> domain (registry)")
+    route.add_argument("--domain", metavar="NAME", help="send every image to one domain's model (backfill)")
+    p.add_argument("--model", default="default",
+                   help="model without a registry: default (bundled), bicubic, or a checkpoint path/URI")
+    p.add_argument("--scale", type=int, help="upscaling factor (default: the model's)")
+    p.add_argument("--format", choices=FORMATS, type=str.lower,
+                   help="convert outputs to this format (extension replaced); default: keep each input's")
+    p.add_argument("--max-failed-fraction", type=float, default=0.01, metavar="F",
+                   help="exit 2 when failed / (ok + failed) is above F (default 0.01)")
+    p.add_argument("--limit", type=int, metavar="N", help="take only the first N listed keys")
+    p.add_argument("--dry-run", action="store_true", help="list, route and count; write nothing")
+    p.add_argument("--max-output-pixels", type=_pixels, default=DEFAULT_MAX_OUTPUT_PIXELS, metavar="N",
+                   help="refuse (a failed row) inputs whose output would have more pixels (default 64e6)")
+    p.add_argument("--image-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="per-image inference time limit (default 600)")
+    p.add_argument("--clip-weights", help="CLIP weights file/URI, for models trained with one")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="auto: cuda when the Ray cluster has GPUs")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="reduced precision on GPU only (checked for NaN, fp32 fallback)")
+    p.add_argument("--tile", type=int, default=256, help="LR tile size for inference (memory bound)")
+    p.add_argument("--actors", type=int, help="inference actors (default: 1 on CPU, one per GPU)")
+    p.add_argument("--threads", type=int, help="torch threads per inference actor (default: its CPUs)")
+    p.add_argument("--lock-ttl", type=float, default=600.0, metavar="SECONDS",
+                   help="a lock whose heartbeat is older than this is taken over (default 600)")

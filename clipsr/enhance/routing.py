@@ -1,0 +1,150 @@
+"""Which model enhances an input: a small interface the planner calls once per key.
+
+A router maps a relative key to a :class:`Route` (domain, model, similarity). Without routing
+options every input goes to ``--model`` under the domain ``default``. Prefix maps (``--route-map``)
+and backfills of one domain (``--domain``) look the domain's current version up in the model
+registry (``--models``, written by ``clipsr adapt``) once, at planning time, and pin it: the whole
+run uses that version even if another is promoted meanwhile. ``--route auto`` (nearest centroid,
+threshold, source model below it) needs each image's embedding, so it has to route in the
+inference stage; it is not implemented yet and says so.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from clipsr import storage
+from clipsr.config import parse_document
+
+DEFAULT_DOMAIN = "default"
+
+
+class RegistryUnavailableError(ValueError):
+    """A routing option that needs a model registry (--models), or one this version cannot do."""
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the planner records it: enough to decide "unchanged" without loading weights."""
+
+    spec: str  # what load_upscaler takes: bicubic, default, a checkpoint path/URI
+    id: str  # content-derived id from the checkpoint ("bicubic" for bicubic)
+    scale: int
+    version: str | None = None  # registry version of a domain model; None without a registry
+    clip_encoder: str | None = None  # "arch weights sha256:<12>", None when the model has none
+
+
+@dataclass(frozen=True)
+class Route:
+    domain: str
+    model: ModelRef
+    similarity: float | None = None  # auto routing only: cosine to the chosen domain's centroid
+
+
+class Router(Protocol):
+    def route(self, key: str) -> Route: ...
+
+
+class SingleModelRouter:
+    """Every input to one model: no registry, or a backfill of one domain."""
+
+    def __init__(self, model: ModelRef, domain: str = DEFAULT_DOMAIN) -> None:
+        self._route = Route(domain, model)
+
+    def route(self, key: str) -> Route:
+        return self._route
+
+
+class PrefixRouter:
+    """The longest matching prefix of a route map names the domain; other keys keep the source
+    model (domain ``default``), so adding a map never leaves an input without a model."""
+
+    def __init__(self, prefixes: Mapping[str, str], resolve: Callable[[str], ModelRef], source: ModelRef) -> None:
+        self._routes = sorted(((p, Route(d, resolve(d))) for p, d in prefixes.items()),
+                              key=lambda item: len(item[0]), reverse=True)
+        self._source = Route(DEFAULT_DOMAIN, source)
+
+    def route(self, key: str) -> Route:
+        for prefix, route in self._routes:
+            if key.startswith(prefix):
+                return route
+        return self._source
+
+
+def describe_encoder(identity: Mapping[str, Any] | None) -> str | None:
+    """How the manifest names a CLIP encoder: architecture, weights and a short weights hash."""
+    if not identity:
+        return None
+    return f"{identity['arch']} {identity['weights']} sha256:{str(identity['sha256'])[:12]}"
+
+
+def resolve_model(spec: str, scale: int | None) -> ModelRef:
+    """Identify a model spec from its checkpoint header, without building the network."""
+    if spec == "bicubic":
+        if scale is None:
+            raise ValueError("--model bicubic needs --scale")
+        return ModelRef(spec="bicubic", id="bicubic", scale=scale)
+    from clipsr.factory import checkpoint_uri  # imports torch: kept out of the light task workers
+    from clipsr.models.checkpoint import CheckpointError, read_metadata
+
+    uri = checkpoint_uri(spec)
+    try:
+        meta = read_metadata(storage.read_bytes(uri))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model {spec!r} not found: expected 'bicubic', 'default', a registry "
+                                "reference, or a checkpoint path/URI") from None
+    if scale is not None and scale != meta["scale"]:
+        raise CheckpointError(f"model {meta['id']} is a x{meta['scale']} model, but --scale {scale} was asked for")
+    return ModelRef(spec=spec, id=meta["id"], scale=int(meta["scale"]),
+                    clip_encoder=describe_encoder(meta.get("clip_encoder")))
+
+
+def resolve_domain(registry: str | None, domain: str) -> ModelRef:
+    """The current version of ``domain`` in the registry, pinned by version for the whole run."""
+    if registry is None:
+        raise RegistryUnavailableError(f"domain {domain!r}: routing to domains needs --models REGISTRY")
+    from clipsr.registry import Registry
+
+    entry = Registry(registry).current(domain)
+    if entry is None:
+        raise RegistryUnavailableError(f"domain {domain!r} has no current version in {registry}")
+    ref = resolve_model(entry.ref, None)
+    return ModelRef(spec=entry.ref, id=ref.id, scale=ref.scale, version=f"v{entry.version}",
+                    clip_encoder=ref.clip_encoder)
+
+
+def load_route_map(uri: str) -> dict[str, str]:
+    """A YAML/JSON mapping of key prefix -> domain name (``scans/1890/: newspapers``)."""
+    doc = parse_document(storage.read_bytes(uri))
+    if not isinstance(doc, dict) or not doc:
+        raise ValueError(f"route map {uri}: expected a non-empty mapping of key prefix -> domain")
+    for prefix, domain in doc.items():
+        if not isinstance(prefix, str) or not isinstance(domain, str) or not domain:
+            raise ValueError(f"route map {uri}: {prefix!r}: {domain!r}: prefixes and domains must be strings")
+        if prefix.startswith("/"):
+            raise ValueError(f"route map {uri}: prefix {prefix!r} must be relative to --input")
+    return dict(doc)
+
+
+def build_router(
+    model: ModelRef,
+    registry: str | None = None,
+    route: str | None = None,
+    route_map: str | None = None,
+    domain: str | None = None,
+    resolve: Callable[[str | None, str], ModelRef] = resolve_domain,
+) -> Router:
+    """The router for the command line's routing options (at most one of route, route_map, domain)."""
+    if sum(x is not None for x in (route, route_map, domain)) > 1:
+        raise ValueError("choose one of --route auto, --route-map FILE and --domain NAME")
+    if route is not None:
+        if route != "auto":
+            raise ValueError(f"--route takes 'auto', got {route!r}")
+        raise RegistryUnavailableError("--route auto is not implemented yet: route with --route-map FILE "
+                                       "or --domain NAME (with --models REGISTRY)")
+    if domain is not None:
+        return SingleModelRouter(resolve(registry, domain), domain)
+    if route_map is not None:
+        return PrefixRouter(load_route_map(route_map), lambda d: resolve(registry, d), model)
+    return SingleModelRouter(model)

@@ -1,0 +1,223 @@
+"""``clipsr enhance``: one run, from listing to index update, and its exit status.
+
+Order of events (each step's output is what makes the next one safe to rerun):
+
+1. resolve the model and the router (fail fast: exit 1 before anything is written);
+2. take the lock on the output prefix, register the run in the index (``in_progress``);
+3. plan on the driver (plan.py): every listed key becomes a plan row, or a skipped/failed
+   manifest row written at once;
+4. run the Ray Data pipeline over the plan: each output is committed, then its manifest row;
+5. fold this run's ok rows (and those of earlier unfinished runs) into a new index generation;
+6. remove the plan, release the lock, print one summary line.
+
+Exit status: 0 when the run finished and failed / (ok + failed) is at most
+``--max-failed-fraction`` (skipped inputs were not attempted, so they count on neither side);
+2 when it finished above that; 1 when it could not complete (bad options, unreachable storage,
+a held lock, a crashed pipeline). Killed or failed at any point, a rerun finishes the rest: ok rows
+already in the manifest are folded into the index and their inputs skipped.
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TextIO
+
+from clipsr import storage
+from clipsr.ray_runtime import init_ray, worker_env
+from clipsr.enhance import index as idx
+from clipsr.enhance import plan
+from clipsr.enhance.layout import RunLayout, new_run_id
+from clipsr.enhance.listing import iter_inputs
+from clipsr.enhance.lock import RunLock
+from clipsr.enhance.options import EnhanceOptions
+from clipsr.enhance.routing import Router, build_router, resolve_model
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED_ABOVE_THRESHOLD = 0, 1, 2
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    exit_code: int
+    summary: str
+    manifest_uri: str | None = None
+    counts: Counter = field(default_factory=Counter)  # ok / failed / skipped
+    listed: int = 0
+    dry_run: bool = False
+
+
+def failed_fraction(counts: Counter) -> float:
+    attempted = counts["ok"] + counts["failed"]
+    return counts["failed"] / attempted if attempted else 0.0
+
+
+def _absolute_spec(spec: str | None) -> str | None:
+    """Local model paths made absolute: Ray workers do not share the driver's working directory."""
+    if spec is None or spec == "bicubic":
+        return spec
+    from clipsr.factory import BUNDLED  # imports torch
+
+    if spec in BUNDLED:
+        return spec
+    return storage.absolute(spec)
+
+
+def run_enhance(opts: EnhanceOptions, progress: TextIO | None = None) -> RunResult:
+    """Run (or with ``dry_run`` plan) one enhancement; never raises: failures are exit status 1.
+
+    Progress lines go to ``progress`` (default: the current sys.stderr)."""
+    run_id = new_run_id()
+    layout, locked = None, False
+    try:
+        opts.check()
+        layout = RunLayout.create(opts.input, opts.output, opts.manifest, run_id)
+        model = resolve_model(_absolute_spec(opts.model), opts.scale)
+        router = build_router(model, opts.models, opts.route, opts.route_map, opts.domain)
+        if opts.dry_run:
+            return _dry_run(opts, layout, router, model.scale)
+        with RunLock(layout.lock, run_id, opts.lock_ttl) as lock:
+            locked = True
+            return _run(opts, layout, router, model.scale, lock, progress)
+    except Exception as e:  # noqa: BLE001  every failure becomes exit 1 with a one-line reason
+        log.debug("run %s failed", run_id, exc_info=True)
+        where = f"; partial manifest: {layout.manifest_run()}/" if locked else ""
+        return RunResult(run_id, EXIT_INCOMPLETE, f"clipsr enhance: run {run_id} could not complete: "
+                                                  f"{one_line(e)}{where} (exit {EXIT_INCOMPLETE})",
+                         dry_run=opts.dry_run)
+
+
+def one_line(exc: BaseException) -> str:
+    """The root cause of a failure on one line (Ray wraps worker errors in tracebacks)."""
+    while getattr(exc, "cause", None) is not None or exc.__cause__ is not None:
+        exc = getattr(exc, "cause", None) or exc.__cause__
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if not isinstance(exc, (ValueError, OSError)):
+        text = f"{type(exc).__name__}: {text}"
+    return text if len(text) <= 500 else text[:497] + "..."
+
+
+def _plan(db: sqlite3.Connection, opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int,
+          index: idx.IndexStore, unfinished: list[dict[str, str]], sink: plan.PlanSink) -> plan.PlanCounts:
+    plan.create_tables(db)
+    idx.create_table(db)
+    loaded = index.load(db, index.read_meta())
+    for run in unfinished:
+        merged = idx.merge_run(db, f"{run['manifest']}/run={run['run_id']}")
+        log.info("folded %d ok rows of unfinished run %s into the index", merged, run["run_id"])
+    try:
+        outputs = plan.load_outputs(db, storage.iter_objects(layout.output))
+    except FileNotFoundError:  # a first run into a folder that does not exist yet
+        outputs = 0
+    listed = plan.load_listing(db, iter_inputs(layout.input, layout.excluded_input_prefixes(), opts.limit),
+                               opts.format)
+    log.info("listed %d input keys, %d outputs; index holds %d keys", listed, outputs, loaded)
+    return plan.decide(db, layout, router, scale, opts.format, sink)
+
+
+def _dry_run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int) -> RunResult:
+    index = idx.IndexStore(layout.index)
+    with tempfile.TemporaryDirectory(prefix="clipsr-enhance-") as tmp:
+        db = sqlite3.connect(f"{tmp}/plan.sqlite")
+        try:
+            counts = _plan(db, opts, layout, router, scale, index, index.read_meta().in_progress, plan.CountingSink())
+        finally:
+            db.close()
+    models = ", ".join(f"{n} with {m}" for m, n in counts.models.most_common()) or "none"
+    reasons = "; ".join(f"{n} {r}" for r, n in counts.reasons.most_common(5))
+    summary = (f"clipsr enhance: dry run: {counts.listed} listed: would process {counts.to_process} ({models}), "
+               f"skip {counts.statuses['skipped']}, fail {counts.statuses['failed']}"
+               + (f" [{reasons}]" if reasons else "") + "; nothing written (exit 0)")
+    return RunResult(layout.run_id, EXIT_OK, summary, counts=Counter(counts.statuses), listed=counts.listed,
+                     dry_run=True)
+
+
+def _run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int, lock: RunLock,
+         progress: TextIO | None) -> RunResult:
+    index = idx.IndexStore(layout.index)
+    unfinished = index.begin(layout.run_id, layout.manifest)
+    _remove_stale_run_folders(layout)
+    with tempfile.TemporaryDirectory(prefix="clipsr-enhance-") as tmp:
+        db = sqlite3.connect(f"{tmp}/plan.sqlite")
+        try:
+            sink = plan.StorageSink(layout)
+            counts = _plan(db, opts, layout, router, scale, index, unfinished, sink)
+            plan_parts = sink.close()
+            totals = Counter(counts.statuses)
+            if plan_parts:
+                done = _run_pipeline(opts, layout, plan_parts, counts.to_process, progress)
+                if done["rows"] != counts.to_process:
+                    raise RuntimeError(f"the pipeline returned {done['rows']} manifest rows for "
+                                       f"{counts.to_process} planned inputs")
+                totals.update({"ok": done["ok"], "failed": done["failed"]})
+            if lock.lost:
+                raise RuntimeError(f"lost the run lock {layout.lock} to another run; the index was not updated")
+            idx.merge_run(db, layout.manifest_run())
+            index.commit(db, layout.run_id, [r["run_id"] for r in unfinished] + [layout.run_id])
+        finally:
+            db.close()
+    for info in _iter_or_empty(layout.plan):
+        storage.delete(info.uri)
+    return _finish(opts, layout, counts.listed, totals)
+
+
+def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str], total: int,
+                  progress: TextIO | None) -> Counter:
+    import ray
+
+    from clipsr.enhance import pipeline
+
+    started_here = init_ray(dashboard=False)
+    try:
+        res = pipeline.plan_resources(ray.cluster_resources(), opts.device, opts.actors, opts.threads)
+        log.info("inference: %d actor(s) on %s, %.2g CPU and %d torch thread(s) each; I/O tasks %.2g CPU",
+                 res.actors, res.device, res.actor_cpus, res.threads, res.task_cpus)
+        ds = pipeline.build_dataset(plan_parts, layout.run_id, layout.manifest_run(), res, worker_env(),
+                                    opts.max_output_pixels, opts.precision, opts.tile,
+                                    _absolute_spec(opts.clip_weights), opts.image_timeout)
+        start = time.monotonic()
+
+        def report(done: Counter) -> None:
+            rate = done["rows"] / max(time.monotonic() - start, 1e-9)
+            print(f"clipsr enhance: {done['rows']}/{total} processed (ok {done['ok']}, failed {done['failed']}), "
+                  f"{rate:.2f} images/s", file=progress or sys.stderr, flush=True)
+
+        return pipeline.execute(ds, report)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _finish(opts: EnhanceOptions, layout: RunLayout, listed: int, totals: Counter) -> RunResult:
+    fraction = failed_fraction(totals)
+    attempted = totals["ok"] + totals["failed"]
+    above = fraction > opts.max_failed_fraction
+    code = EXIT_FAILED_ABOVE_THRESHOLD if above else EXIT_OK
+    manifest_uri = layout.manifest_run() + "/"
+    summary = (f"clipsr enhance: run {layout.run_id} finished: {listed} listed, {totals['ok']} ok, "
+               f"{totals['failed']} failed, {totals['skipped']} skipped; failed {totals['failed']} of "
+               f"{attempted} attempted ({fraction:.1%}) {'>' if above else '<='} {opts.max_failed_fraction:.1%}; "
+               f"manifest {manifest_uri} (exit {code})")
+    return RunResult(layout.run_id, code, summary, manifest_uri, Counter({k: totals[k] for k in ("ok", "failed", "skipped")}),
+                     listed)
+
+
+def _iter_or_empty(uri: str):
+    try:
+        yield from storage.iter_objects(uri)
+    except FileNotFoundError:
+        return
+
+
+def _remove_stale_run_folders(layout: RunLayout) -> None:
+    """Plans left by killed runs (their manifests stay: the index folds them in)."""
+    for info in _iter_or_empty(layout.runs):
+        if not info.key.startswith(f"{layout.run_id}/"):
+            storage.delete(info.uri)
+

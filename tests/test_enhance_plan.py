@@ -1,0 +1,185 @@
+"""Enhancement planning without Ray: key rules, output keys and collisions, skip decisions, run ids."""
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+
+import pytest
+
+from clipsr import storage
+from clipsr.enhance import index as idx
+from clipsr.enhance import plan
+from clipsr.enhance.layout import RUN_ID_PATTERN, RunLayout, new_run_id
+from clipsr.enhance.listing import classify_key, iter_inputs, output_format, output_key
+from clipsr.enhance.routing import ModelRef, SingleModelRouter
+
+MODEL = ModelRef(spec="/models/m.safetensors", id="cdasr-tiny-x4-aaaaaaaaaaaa", scale=4)
+RUN = "20261126T221500Z-abc123"
+
+
+@pytest.mark.parametrize("key, why", [
+    ("a/../b.png", "'..' path segment"),
+    ("/abs.png", "absolute key"),
+    ("a//b.png", "empty path segment"),
+    ("./a.png", "'.' path segment"),
+    ("a\\b.png", "backslash"),
+    ("a\x00b.png", "control character"),
+])
+def test_unsafe_keys_are_failed_without_an_output(key, why):
+    decision = classify_key(key)
+    assert decision.kind == "unsafe" and decision.output_key is None
+    assert decision.reason.startswith("unsafe key, not read") and why in decision.reason
+
+
+def test_keys_that_are_not_inputs_are_ignored_with_a_reason():
+    assert classify_key("notes.txt").kind == "ignored"
+    assert "(.txt)" in classify_key("notes.txt").reason
+    assert classify_key("README").reason.startswith("not an image file name (no extension)")
+    assert "hidden" in classify_key("a/.DS_Store").reason
+    assert classify_key(".cache/x.png").kind == "ignored"
+
+
+def test_outputs_never_land_in_the_jobs_own_state():
+    assert classify_key("_index/a.png").kind == "reserved"
+    assert classify_key("_manifests/run=1/x.png").kind == "reserved"
+    assert classify_key("data/_index/a.png").kind == "candidate"  # only the top level is reserved
+
+
+def test_output_key_keeps_the_relative_key_or_replaces_the_extension():
+    assert output_key("a/b/c.JPG") == "a/b/c.JPG"
+    assert output_key("a/b/c.JPG", "png") == "a/b/c.png"
+    assert output_key("x.tar.png", "jpeg") == "x.tar.jpg"
+    assert output_key("v1.2/scan.tiff", "webp") == "v1.2/scan.webp"
+    assert output_format("a/b.JPG") == "JPEG" and output_format("a/b.JPG", "tiff") == "TIFF"
+    assert classify_key("a/b.jpeg", "tiff").output_key == "a/b.tif"
+
+
+def test_run_ids_start_with_the_utc_start_time_and_sort_by_it():
+    t = dt.datetime(2026, 11, 26, 22, 15, 0, tzinfo=dt.timezone.utc)
+    first = new_run_id(t)
+    assert first.startswith("20261126T221500Z-") and RUN_ID_PATTERN.match(first)
+    assert new_run_id(t) != first  # random suffix: two runs started in the same second differ
+    later = new_run_id(dt.datetime(2026, 11, 26, 23, 15, tzinfo=dt.timezone(dt.timedelta(hours=1))))
+    assert later.startswith("20261126T221500Z")  # converted to UTC
+    in_time_order = [new_run_id(t + dt.timedelta(seconds=s)) for s in (1, 2, 3)]
+    assert sorted(reversed(in_time_order)) == in_time_order
+    with pytest.raises(ValueError, match="timezone"):
+        new_run_id(dt.datetime(2026, 1, 1))
+
+
+def test_layout_refuses_overwriting_inputs_and_excludes_its_own_outputs(tmp_path):
+    with pytest.raises(ValueError, match="must differ"):
+        RunLayout.create(str(tmp_path), str(tmp_path) + "/", None, RUN)
+    layout = RunLayout.create(str(tmp_path), f"{tmp_path}/enhanced", None, RUN)
+    assert layout.manifest == f"{tmp_path}/enhanced/_manifests"
+    assert layout.excluded_input_prefixes() == ["enhanced/", "enhanced/_manifests/"]
+    assert layout.manifest_run() == f"{tmp_path}/enhanced/_manifests/run={RUN}"
+    s3 = RunLayout.create("s3://b/in/", "s3://b/out", "s3://b/reports", RUN)
+    assert (s3.input, s3.lock, s3.manifest_run()) == ("s3://b/in", "s3://b/out/_lock", f"s3://b/reports/run={RUN}")
+    with pytest.raises(ValueError, match="own state"):
+        RunLayout.create("s3://b/out/_index", "s3://b/out", None, RUN)
+
+
+def test_listing_leaves_out_outputs_inside_the_input_and_stops_at_the_limit(tmp_path):
+    for name in ("a.png", "b.png", "c.png", "enhanced/a.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    keys = sorted(o.key for o in iter_inputs(str(tmp_path), ["enhanced/"]))
+    assert keys == ["a.png", "b.png", "c.png"]
+    assert len(list(iter_inputs(str(tmp_path), ["enhanced/"], limit=2))) == 2
+
+
+# --- decisions -------------------------------------------------------------------------------
+
+
+class ListSink:
+    def __init__(self):
+        self.processed, self.recorded = [], []
+
+    def process(self, row):
+        self.processed.append(row)
+
+    def record(self, row):
+        self.recorded.append(row)
+
+
+def _obj(key, size=10, etag="e1", mtime=1_700_000_000.0):
+    return storage.ObjectInfo(uri=f"s3://in/{key}", key=key, size=size, etag=etag, mtime=mtime)
+
+
+def _decide(objects, fmt=None, index_rows=(), outputs=(), model=MODEL):
+    db = sqlite3.connect(":memory:")
+    plan.create_tables(db)
+    idx.create_table(db)
+    idx.upsert(db, index_rows)
+    plan.load_outputs(db, outputs)
+    plan.load_listing(db, objects, fmt)
+    layout = RunLayout.create("s3://in", "s3://out", None, RUN)
+    sink = ListSink()
+    counts = plan.decide(db, layout, SingleModelRouter(model), 4, fmt, sink)
+    return counts, sink
+
+
+def _index_row(key, size=10, etag="e1", mtime_ms=1_700_000_000_000, model=MODEL.id, out_size=99, run="20261101T000000Z-000000"):
+    return (key, size, etag, mtime_ms, model, None, "default", 4, f"s3://out/{key}", out_size, run)
+
+
+def _out(key, size=99):
+    return storage.ObjectInfo(uri=f"s3://out/{key}", key=key, size=size, etag="o", mtime=1.0)
+
+
+def test_every_listed_key_is_decided_exactly_once():
+    keys = ["a.png", "notes.txt", "a/../b.png", "_index/x.png", "sub/c.jpg", ".hidden.png"]
+    counts, sink = _decide([_obj(k) for k in keys])
+    decided = [r["input_key"] for r in sink.processed] + [r["input_key"] for r in sink.recorded]
+    assert sorted(decided) == sorted(keys) and counts.listed == len(keys)
+    assert {r["input_key"] for r in sink.processed} == {"a.png", "sub/c.jpg"}
+    by_key = {r["input_key"]: r for r in sink.recorded}
+    assert by_key["a/../b.png"]["status"] == "failed" and by_key["_index/x.png"]["status"] == "failed"
+    assert by_key["notes.txt"]["status"] == "skipped" and by_key[".hidden.png"]["status"] == "skipped"
+    assert counts.statuses == {"failed": 2, "skipped": 2} and counts.models == {MODEL.id: 2}
+    row = next(r for r in sink.processed if r["input_key"] == "sub/c.jpg")
+    assert row["output_uri"] == "s3://out/sub/c.jpg" and row["output_format"] == "JPEG"
+    assert row["model_spec"] == MODEL.spec and row["domain"] == "default" and row["input_mtime_ms"] == 1_700_000_000_000
+
+
+def test_colliding_outputs_fail_every_input_after_the_first_in_sorted_order():
+    counts, sink = _decide([_obj(k) for k in ("b.webp", "b.png", "B.png", "b.jpg", "c.png")], fmt="webp")
+    assert sorted(r["input_key"] for r in sink.processed) == ["B.png", "b.jpg", "c.png"]
+    failed = {r["input_key"]: r["error"] for r in sink.recorded}
+    assert set(failed) == {"b.png", "b.webp"}
+    assert all("output key collision: 'b.webp'" in e and "'b.jpg'" in e for e in failed.values())
+    assert all(r.get("output_uri") is None for r in sink.recorded)
+
+
+def test_unchanged_inputs_are_skipped_and_any_change_reprocesses():
+    objects = [_obj(k) for k in ("same.png", "etag.png", "size.png", "model.png", "gone.png", "outsize.png", "new.png")]
+    objects[1] = _obj("etag.png", etag="e2")
+    objects[2] = _obj("size.png", size=11)
+    rows = [_index_row("same.png"), _index_row("etag.png"), _index_row("size.png"),
+            _index_row("model.png", model="other-model"), _index_row("gone.png"), _index_row("outsize.png")]
+    outputs = [_out(k) for k in ("same.png", "etag.png", "size.png", "model.png", "outsize.png")]
+    outputs[-1] = _out("outsize.png", size=5)
+    counts, sink = _decide(objects, index_rows=rows, outputs=outputs)
+    assert [r["input_key"] for r in sink.recorded] == ["same.png"]
+    skipped = sink.recorded[0]
+    assert skipped["status"] == "skipped" and skipped["previous_run_id"] == "20261101T000000Z-000000"
+    assert skipped["error"].startswith("unchanged since run 20261101T000000Z-000000: same size, ETag")
+    assert sorted(r["input_key"] for r in sink.processed) == sorted(
+        ["etag.png", "size.png", "model.png", "gone.png", "outsize.png", "new.png"])
+
+
+def test_without_etags_the_mtime_decides():
+    local = [storage.ObjectInfo(uri=f"/in/{k}", key=k, size=10, etag=None, mtime=m)
+             for k, m in (("same.png", 1_700_000_000.0004), ("touched.png", 1_700_000_100.0))]
+    rows = [_index_row("same.png", etag=None), _index_row("touched.png", etag=None)]
+    _, sink = _decide(local, index_rows=rows, outputs=[_out("same.png"), _out("touched.png")])
+    assert [r["input_key"] for r in sink.recorded] == ["same.png"]
+    assert "mtime" in sink.recorded[0]["error"]
+    assert [r["input_key"] for r in sink.processed] == ["touched.png"]
+
+
+def test_a_format_change_reprocesses_because_the_output_differs():
+    _, sink = _decide([_obj("a.png")], fmt="webp", index_rows=[_index_row("a.png")],
+                      outputs=[_out("a.png"), _out("a.webp")])
+    assert [r["output_uri"] for r in sink.processed] == ["s3://out/a.webp"]

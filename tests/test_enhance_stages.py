@@ -1,0 +1,218 @@
+"""The enhancement stages called in-process (what each Ray task or actor runs), and routing."""
+from __future__ import annotations
+
+import io
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from PIL import Image
+
+from clipsr import imaging
+from clipsr.config import validate
+from clipsr.enhance import manifest
+from clipsr.enhance import rows as R
+from clipsr.enhance.decode import decode_batch
+from clipsr.enhance.infer import InferStage
+from clipsr.enhance.manifest import manifest_batch
+from clipsr.enhance.pipeline import plan_resources
+from clipsr.ray_runtime import worker_env
+from clipsr.enhance.routing import (ModelRef, PrefixRouter, RegistryUnavailableError, build_router,
+                                    load_route_map, resolve_model)
+from clipsr.enhance.write import write_batch
+from clipsr.factory import create_model, save_checkpoint
+
+RUN = "20261126T221500Z-abc123"
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny-x2.safetensors"
+    meta = save_checkpoint(str(path), create_model("cdasr-tiny", 2), "cdasr-tiny")
+    return str(path), meta["id"]
+
+
+def _png(array, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", **kw)
+    return buf.getvalue()
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming a huge image, with almost no data."""
+    def chunk(kind, payload):
+        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\0" * 16)) + chunk(b"IEND", b""))
+
+
+def _plan_rows(tmp_path, files: dict[str, bytes], model: tuple[str, str], fmt: dict[str, str] | None = None):
+    rows = []
+    for name, data in files.items():
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_bytes(data)
+        out_fmt = (fmt or {}).get(name) or imaging.format_for_path(name)
+        rows.append({"input_key": name, "input_uri": str(tmp_path / "in" / name),
+                     "output_uri": str(tmp_path / "out" / name), "output_format": out_fmt,
+                     "input_size": len(data), "input_etag": None, "input_mtime_ms": 0, "scale": 2,
+                     "domain": "default", "model_spec": model[0], "model_id": model[1],
+                     "model_version": None, "route_similarity": None, "clip_encoder": None})
+    return pa.Table.from_pylist(rows, schema=R.PLAN)
+
+
+def _by_key(table):
+    return {r["input_key"]: r for r in table.to_pylist()}
+
+
+def test_decode_records_why_an_input_cannot_be_read(tmp_path, tiny):
+    rgb = np.random.default_rng(0).integers(0, 255, (6, 8, 3), dtype=np.uint8)
+    files = {"good.png": _png(rgb), "zero.png": b"", "text.jpg": b"hello", "trunc.png": _png(rgb)[:60],
+             "bomb.png": _bomb_png(5000, 5000), "gone.png": _png(rgb)}
+    table = _plan_rows(tmp_path, files, tiny)
+    (tmp_path / "in" / "gone.png").unlink()
+    out = _by_key(decode_batch(table, max_output_pixels=4_000_000))
+    assert out["good.png"]["status"] is None and out["good.png"]["input_sha256"].startswith("sha256:")
+    assert R.unpack(out["good.png"]["lr"]).dtype == np.uint8 and out["good.png"]["sharpness_bicubic"] > 0
+    assert out["zero.png"]["error"] == "empty file (0 bytes)"
+    assert out["text.jpg"]["error"].startswith("not a supported image")
+    assert "corrupt" in out["trunc.png"]["error"] or "unreadable" in out["trunc.png"]["error"]
+    assert out["bomb.png"]["error"].startswith("output too large: x2 would exceed --max-output-pixels=4,000,000")
+    assert "5000x5000" in out["bomb.png"]["error"] and out["bomb.png"]["lr"] is None
+    assert out["gone.png"]["error"] == "input not found: deleted since it was listed"
+    assert all(r["output_uri"] is None for k, r in out.items() if k != "good.png")
+
+
+def test_stages_in_order_write_outputs_in_kind_and_valid_manifest_rows(tmp_path, tiny):
+    rng = np.random.default_rng(1)
+    grey16 = rng.integers(0, 65535, (5, 7), dtype=np.uint16)
+    rgba = rng.integers(0, 255, (6, 5, 4), dtype=np.uint8)
+    files = {"rgb.png": _png(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)),
+             "grey16.png": _png(grey16), "rgba.png": _png(rgba), "rgba-as-jpeg.png": _png(rgba)}
+    table = _plan_rows(tmp_path, files, tiny, fmt={"rgba-as-jpeg.png": "JPEG"})
+    stage = InferStage(threads=1)
+    out = write_batch(stage(decode_batch(table, max_output_pixels=10**8)))
+    rows = _by_key(out)
+    assert {r["status"] for r in rows.values()} == {"ok"}, [r["error"] for r in rows.values()]
+    assert all(r[p] is None for r in rows.values() for p in R.PAYLOADS)
+    d = imaging.decode((tmp_path / "out" / "grey16.png").read_bytes())
+    assert (d.height, d.width, d.bit_depth, d.pixels.shape[2]) == (10, 14, 16, 1)
+    assert rows["grey16.png"]["output_bit_depth"] == 16
+    d = imaging.decode((tmp_path / "out" / "rgba.png").read_bytes())
+    assert d.alpha is not None and d.alpha.shape == (12, 10)
+    jpeg = (tmp_path / "out" / "rgba-as-jpeg.png").read_bytes()
+    assert jpeg[:2] == b"\xff\xd8" and "alpha composited onto white" in rows["rgba-as-jpeg.png"]["notes"]
+    assert rows["rgb.png"]["infer_s"] > 0 and 0 <= rows["rgb.png"]["clipping_ratio"] <= 1
+    assert rows["rgb.png"]["sharpness_gain"] == pytest.approx(
+        rows["rgb.png"]["sharpness_output"] / rows["rgb.png"]["sharpness_bicubic"])
+    counts = manifest_batch(out, RUN, str(tmp_path / "manifest")).to_pylist()
+    assert counts == [{"ok": 4, "failed": 0, "rows": 4}]
+    (part,) = manifest.iter_parts(str(tmp_path / "manifest"))
+    written = manifest.read_part(part).to_pylist()
+    for row in written:
+        validate(manifest.json_row(row), "manifest")
+    assert {r["output_width"] for r in written} == {16, 10, 14}
+
+
+def test_inference_failures_are_rows_not_crashes(tmp_path, tiny):
+    files = {"a.png": _png(np.zeros((6, 6, 3), np.uint8)), "b.png": _png(np.zeros((6, 6, 3), np.uint8))}
+    table = decode_batch(_plan_rows(tmp_path, files, tiny), max_output_pixels=10**8)
+    timed_out = _by_key(InferStage(image_timeout=1e-9)(table))
+    assert {r["error"] for r in timed_out.values()} == {"inference stopped: over the per-image time limit of 1e-09 s"}
+    stale = R.from_table(table)
+    for row in stale:
+        row["model_id"] = "cdasr-tiny-x2-000000000000"
+    changed = _by_key(InferStage()(R.to_table(stale)))
+    assert all("not the cdasr-tiny-x2-000000000000 the run was planned with" in r["error"] for r in changed.values())
+    missing = R.from_table(table)
+    missing[0]["model_spec"] = str(tmp_path / "no-such-model.safetensors")
+    assert R.to_table(missing).num_rows == 2
+    result = InferStage()(R.to_table(missing)).to_pylist()
+    assert result[0]["error"].startswith("inference failed: FileNotFoundError") and result[1]["status"] is None
+
+
+def test_cpu_budget_leaves_room_for_the_io_tasks():
+    two = plan_resources({"CPU": 2.0})
+    assert (two.device, two.actors, two.actor_cpus, two.threads) == ("cpu", 1, 1.0, 1)
+    assert two.actor_cpus + two.task_cpus <= 2.0
+    one = plan_resources({"CPU": 1.0})
+    assert one.actor_cpus + one.task_cpus <= 1.0
+    gpus = plan_resources({"CPU": 16.0, "GPU": 2.0})
+    assert (gpus.device, gpus.actors, gpus.actor_gpus) == ("cuda", 2, 1.0)
+    with pytest.raises(ValueError, match="no GPU"):
+        plan_resources({"CPU": 2.0}, device="cuda")
+
+
+def test_task_stages_do_not_import_torch():
+    """Ray imports a task function's module in every worker: torch there costs ~400 MB a worker."""
+    code = ("import sys, clipsr.enhance.plan, clipsr.enhance.decode, clipsr.enhance.write, "
+            "clipsr.enhance.manifest; print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_workers_get_the_storage_endpoint_but_never_credentials(monkeypatch):
+    for name in ("AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+                        "AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "secret",
+                        "AWS_SESSION_TOKEN": "token"}.items():
+        monkeypatch.setenv(name, value)
+    # Ray writes runtime_env values into its logs: only what is not a secret may go there.
+    assert worker_env() == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1"}
+
+
+# --- routing ---------------------------------------------------------------------------------
+
+
+def _ref(name):
+    return ModelRef(spec=f"/models/{name}.safetensors", id=f"{name}-id", scale=4, version="3")
+
+
+def test_prefix_routes_pick_the_longest_match_and_keep_the_source_model_elsewhere(tmp_path):
+    route_map = tmp_path / "routes.yaml"
+    route_map.write_text("scans/: newspapers\nscans/maps/: maps\n")
+    source = _ref("source")
+    router = build_router(source, route_map=str(route_map), resolve=lambda registry, domain: _ref(domain))
+    assert router.route("scans/maps/a.png").domain == "maps"
+    assert router.route("scans/b.png").model.id == "newspapers-id"
+    other = router.route("photos/c.png")
+    assert (other.domain, other.model) == ("default", source)
+    backfill = build_router(source, domain="maps", resolve=lambda registry, domain: _ref(domain))
+    assert backfill.route("anything.png").model.version == "3"
+    assert isinstance(router, PrefixRouter)
+
+
+def test_registry_routing_says_what_is_missing(tmp_path):
+    source = _ref("source")
+    with pytest.raises(RegistryUnavailableError, match="--route auto is not implemented"):
+        build_router(source, route="auto")
+    with pytest.raises(RegistryUnavailableError, match="needs --models REGISTRY"):
+        build_router(source, domain="maps")
+    with pytest.raises(RegistryUnavailableError, match="no current version"):
+        build_router(source, registry=str(tmp_path / "empty-registry"), domain="maps")
+    assert build_router(source).route("x.png").model == source
+
+
+def test_route_maps_are_validated(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"/abs/": "x"}')
+    with pytest.raises(ValueError, match="relative to --input"):
+        load_route_map(str(bad))
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="mapping of key prefix"):
+        load_route_map(str(bad))
+
+
+def test_models_are_identified_from_the_checkpoint_header(tiny):
+    ref = resolve_model(tiny[0], None)
+    assert (ref.id, ref.scale, ref.clip_encoder) == (tiny[1], 2, None)
+    with pytest.raises(ValueError, match="x2 model"):
+        resolve_model(tiny[0], 4)
+    assert resolve_model("bicubic", 3).id == "bicubic"
+    with pytest.raises(ValueError, match="needs --scale"):
+        resolve_model("bicubic", None)
