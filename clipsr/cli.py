@@ -17,6 +17,16 @@ def _name_eq_uri(text: str) -> tuple[str, str]:
     return name, uri
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
@@ -64,11 +74,266 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_pretrain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pretrain",
+        help="train a source model on Ray Train (resumes a run of the same name)",
+        description="Source pretraining: config file (schemas/pretrain.schema.json) plus --set overrides.",
+    )
+    p.add_argument("--config", help="YAML/JSON config (path or URI); defaults: clipsr/train/defaults.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a setting, e.g. --set optim.steps=2000 --set scaling.num_workers=2")
+    p.add_argument("--name", help="run name (same as --set name=...)")
+    p.add_argument("--storage-path", help="local folder or s3:// prefix for checkpoints and the model")
+    p.set_defaults(func=_run_pretrain)
+
+
+def _run_pretrain(args: argparse.Namespace) -> int:
+    from clipsr.ray_runtime import init_ray
+    from clipsr.train.settings import load_settings
+    from clipsr.train.trainer import pretrain
+
+    overrides = list(args.set)
+    if args.name:
+        overrides.append(f"name={args.name}")
+    if args.storage_path:
+        overrides.append(f"storage_path={args.storage_path}")
+    settings = load_settings(args.config, overrides)
+    init_ray()
+    meta = pretrain(settings)
+    print(f"pretrain: run {settings['name']} finished: model {meta['id']} at {meta['uri']}")
+    return 0
+
+
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmarks that print figures and write them to a JSON file")
+    benches = p.add_subparsers(dest="bench", required=True)
+    q = benches.add_parser(
+        "inference",
+        help="parameter counts and CPU inference speed per architecture and scale",
+        description="Parameters at inference (adaptive branch folded) and with the branch, and CPU "
+                    "speed in output megapixels per second on a fixed LR input (median of timed runs).",
+    )
+    q.add_argument("--arch", action="append", metavar="NAME",
+                   help="architecture to measure (repeat); default: all shipped but cdasr-tiny")
+    q.add_argument("--scale", type=int, action="append", metavar="S",
+                   help="scale to measure (repeat); default: 2, 3, 4 and 8")
+    q.add_argument("--size", type=_positive_int, default=128, help="side of the square LR input in pixels")
+    q.add_argument("--runs", type=_positive_int, default=5, help="timed runs per configuration (after one warm-up)")
+    q.add_argument("--threads", type=_positive_int, default=None, help="torch CPU threads (default: torch's choice)")
+    q.add_argument("--out", default="docs/bench/inference.json", help="where to write the JSON (path or URI)")
+    q.set_defaults(func=_run_bench_inference)
+    _add_bench_enhance(benches)
+    _add_bench_train(benches)
+    _add_bench_adapt(benches)
+
+
+def _run_bench_inference(args: argparse.Namespace) -> int:
+    import torch
+
+    from clipsr import storage
+    from clipsr.bench import inference as bench
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    archs, scales = bench.resolve(args.arch, args.scale)
+    print(bench.format_header(), flush=True)
+    result = bench.run(archs, scales, lr_size=args.size, runs=args.runs,
+                       on_result=lambda r: print(bench.format_row(r), flush=True))
+    storage.write_bytes_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
+    env = result["environment"]
+    print(f"{env['cpu']}, {env['torch_threads']} torch thread(s), torch {env['torch']}, {env['date']}")
+    print(f"results: {args.out}")
+    return 0
+
+
+def _add_bench_train(benches: argparse._SubParsersAction) -> None:
+    q = benches.add_parser(
+        "train",
+        help="pretraining throughput (patches/s) with 1 and 2 Ray Train workers",
+        description="Runs the real pretraining path for a few steps per worker count, same total CPUs.",
+    )
+    q.add_argument("--data", action="append", required=True, metavar="DIR", help="HR image folder (repeat)")
+    q.add_argument("--workers", type=_positive_int, action="append", help="worker counts (default: 1 and 2)")
+    q.add_argument("--cpus", type=float, default=2.0, help="total CPUs shared by the workers")
+    q.add_argument("--steps", type=_positive_int, default=60)
+    q.add_argument("--arch", default="cdasr-lite")
+    q.add_argument("--scale", type=int, default=4)
+    q.add_argument("--batch", type=_positive_int, default=16, help="patches per worker per step")
+    q.add_argument("--lr-patch", type=_positive_int, default=48)
+    q.add_argument("--out", default="docs/bench/train.json", help="where to write the JSON (path or URI)")
+    q.set_defaults(func=_run_bench_train)
+
+
+def _run_bench_train(args: argparse.Namespace) -> int:
+    from clipsr import storage
+    from clipsr.bench.train import bench_workers
+    from clipsr.ray_runtime import init_ray
+
+    init_ray(num_cpus=int(args.cpus))
+    result = bench_workers([storage.absolute(d) for d in args.data], args.workers or [1, 2], args.cpus,
+                           args.steps, args.arch, args.scale, args.batch, args.lr_patch)
+    storage.write_bytes_atomic(args.out, json.dumps(result, indent=2).encode())
+    print(f"written to {args.out}")
+    return 0
+
+
+def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
+    q = benches.add_parser(
+        "adapt",
+        help="adaptation gain on unseen images: source vs adapted vs fine-tuned, same time budget",
+    )
+    q.add_argument("--source-model", default="default")
+    q.add_argument("--data", type=_name_eq_uri, action="append", required=True, metavar="NAME=DIR")
+    q.add_argument("--shots", type=_positive_int, default=10)
+    q.add_argument("--scope", action="append", choices=["adaptive", "adaptive+bias", "all"],
+                   help="scopes to compare (default: adaptive+bias and all)")
+    q.add_argument("--budget-seconds", type=float, default=270.0)
+    q.add_argument("--threads", type=_positive_int, default=2)
+    q.add_argument("--out", default="docs/bench/adapt.json")
+    q.set_defaults(func=_run_bench_adapt)
+
+
+def _run_bench_adapt(args: argparse.Namespace) -> int:
+    from clipsr import storage
+    from clipsr.bench.adapt import bench_adaptation
+
+    result = bench_adaptation(args.source_model, {k: storage.absolute(v) for k, v in args.data}, args.shots,
+                              args.scope or ["adaptive+bias", "all"], args.budget_seconds, args.threads)
+    storage.write_bytes_atomic(args.out, json.dumps(result, indent=2).encode())
+    print(f"written to {args.out}")
+    return 0
+
+
+def _add_bench_enhance(benches: argparse._SubParsersAction) -> None:
+    q = benches.add_parser(
+        "enhance",
+        help="the enhancement job on Ray against a plain loop (same model, images, stages, threads)",
+        description="Images/s, output megapixels/s and peak memory of `clipsr enhance` (Ray start-up "
+                    "excluded) and of a one-process loop, on synthetic PNGs in a temporary folder.",
+    )
+    q.add_argument("--images", type=_positive_int, default=200, help="number of synthetic inputs")
+    q.add_argument("--size", type=_positive_int, default=256, help="side of the square LR inputs in pixels")
+    q.add_argument("--scale", type=int, default=4)
+    q.add_argument("--model", help="model spec (default: random weights of --arch)")
+    q.add_argument("--arch", default="cdasr-lite", help="architecture for random weights when --model is not given")
+    q.add_argument("--threads", type=_positive_int, default=1, help="torch threads, for the loop and each actor")
+    q.add_argument("--out", default="docs/bench/enhance.json", help="where to write the JSON (path or URI)")
+    q.set_defaults(func=_run_bench_enhance)
+
+
+def _run_bench_enhance(args: argparse.Namespace) -> int:
+    from clipsr import storage
+    from clipsr.bench import enhance_loop
+
+    result = enhance_loop.run(args.images, args.size, args.scale, args.threads, model=args.model, arch=args.arch)
+    storage.write_bytes_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
+    for name in ("plain_loop", "ray"):
+        r = result[name]
+        print(f"{name:>10}: {r['images']} images in {r['seconds']:.1f} s: {r['images_per_s']:.2f} images/s, "
+              f"{r['output_mp_per_s']:.2f} output MP/s, peak memory {r['peak_memory_mb']:.0f} MB")
+    print(f"ray / plain loop: {result['ray_over_loop_images_per_s']:.2f}; results: {args.out}")
+    return 0
+
+
+def _add_enhance(sub: argparse._SubParsersAction) -> None:
+    from clipsr.enhance.options import add_arguments
+
+    p = sub.add_parser(
+        "enhance",
+        help="enhance an archive prefix on Ray Data, with Parquet manifests (the main job)",
+        description="Enhance every image below --input into --output (same relative keys), with one "
+                    "manifest row per listed key. Exit 0: finished, failed fraction within "
+                    "--max-failed-fraction; 2: finished above it; 1: could not complete.",
+    )
+    add_arguments(p)
+
+    def usage_error(message: str) -> None:  # argparse exits 2, which here means "finished, too many failed"
+        p.print_usage(sys.stderr)
+        p.exit(1, f"clipsr enhance: error: {message}\n")
+
+    p.error = usage_error
+    p.set_defaults(func=_run_enhance)
+
+
+def _run_enhance(args: argparse.Namespace) -> int:
+    from clipsr.enhance.options import EnhanceOptions
+    from clipsr.enhance.run import run_enhance
+
+    result = run_enhance(EnhanceOptions.from_args(args))
+    print(result.summary, flush=True)
+    return result.exit_code
+
+
+def _add_adapt(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "adapt",
+        help="adapt a source model to new domains from a few HR exemplars each, in parallel",
+        description="Few-shot adaptation; each domain becomes a new version in the registry at --out.",
+    )
+    p.add_argument("--source-model", default="default", help="model spec to adapt (default: the bundled model)")
+    p.add_argument("--domain", action="append", default=[], metavar="NAME=DIR_OR_URI",
+                   help="a domain and its exemplar folder (the first --shots images in sorted order)")
+    p.add_argument("--spec", help="YAML/JSON domain specs (schemas/domain-spec.schema.json)")
+    p.add_argument("--shots", type=int, default=10, help="exemplars per domain for --domain (default 10)")
+    p.add_argument("--scale", type=int, help="must match the source model's scale")
+    p.add_argument("--out", required=True, help="model registry (folder or s3:// prefix)")
+    p.add_argument("--scope", default="adaptive+bias", choices=["adaptive", "adaptive+bias", "all"],
+                   help="what adaptation may change; 'all' is plain fine-tuning (a baseline)")
+    p.add_argument("--budget-seconds", type=float, default=270.0,
+                   help="time for choosing learning rate and steps, per domain")
+    p.add_argument("--cpus-per-domain", type=float, default=2.0)
+    p.add_argument("--gpus-per-domain", type=float, default=0.0)
+    p.add_argument("--routing-encoder", default="color-stats",
+                   help="encoder for domain centroids: color-stats (no semantic prior) or a CLIP arch")
+    p.add_argument("--routing-encoder-weights", help="weights file/URI for a CLIP routing encoder")
+    p.add_argument("--report", help="report path/URI without extension (default REGISTRY/_reports/<time>)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_adapt)
+
+
+def _run_adapt(args: argparse.Namespace) -> int:
+    from clipsr import storage
+    from clipsr.adapt.fast import AdaptSettings
+    from clipsr.adapt.run import adapt_many, format_report, write_report
+    from clipsr.adapt.spec import DomainSpec, load_specs
+    from clipsr.provenance import utc_now
+    from clipsr.ray_runtime import init_ray
+
+    specs = [DomainSpec.shorthand(d, args.shots, args.scale) for d in args.domain]
+    if args.spec:
+        specs += load_specs(args.spec)
+    if not specs:
+        raise ValueError("give at least one --domain NAME=DIR or a --spec file")
+    settings = AdaptSettings(scope=args.scope, budget_seconds=args.budget_seconds, seed=args.seed)
+    encoder = {"arch": args.routing_encoder, "weights": args.routing_encoder_weights, "seed": 0}
+    out = storage.absolute(args.out)
+    init_ray()
+    print(f"adapting {len(specs)} domain(s) from {args.source_model} into {out}", file=sys.stderr, flush=True)
+
+    def done(row: dict[str, Any]) -> None:
+        what = f"v{row['version']} gain {row['gain_db']:+.3f} dB" if row["status"] == "ok" else row["error"]
+        print(f"[{row['domain']}] {row['status']}: {what} ({row['seconds']:.0f}s)", file=sys.stderr, flush=True)
+
+    rows = adapt_many(specs, args.source_model, settings, out, encoder,
+                      cpus_per_domain=args.cpus_per_domain, gpus_per_domain=args.gpus_per_domain, on_done=done)
+    base = args.report or storage.join(out, f"_reports/{utc_now().replace(':', '')}")
+    json_uri, _ = write_report(rows, base)
+    print(format_report(rows))
+    failed = sum(r["status"] != "ok" for r in rows)
+    print(f"adapt: {len(rows) - failed} ok, {failed} failed; report {json_uri}")
+    return 2 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipsr", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_evaluate(sub)
+    _add_enhance(sub)
+    _add_bench(sub)
+    _add_pretrain(sub)
+    _add_adapt(sub)
     return parser
 
 

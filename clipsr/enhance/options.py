@@ -70,7 +70,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="folder or s3:// prefix for the outputs (same relative keys), the index and the lock")
     p.add_argument("--manifest", help="where Parquet manifests go, partitioned run=<run_id>/ "
                                       "(default: <output>/_manifests)")
-    p.add_argument("--models", metavar="REGISTRY", help="model registry URI (arrives with `clipsr adapt`)")
+    p.add_argument("--models", metavar="REGISTRY", help="model registry URI (the --out of `clipsr adapt`)")
     route = p.add_mutually_exclusive_group()
     route.add_argument("--route", choices=["auto"], help="route each image to the nearest domain (registry)")
     route.add_argument("--route-map", metavar="FILE", help="YAML/JSON mapping of key prefix -> domain (registry)")

@@ -128,7 +128,8 @@ def train_loop_per_worker(s: dict[str, Any]) -> None:
     fail_at = s["failure"]["fail_at_step"]
     fail_rank = min(1, world - 1)
     total = s["optim"]["steps"]
-    start_step, t0, patches_done, running = step, time.perf_counter(), 0, []
+    start_step, t0, running = step, time.perf_counter(), []
+    t_window, patches_window = t0, 0
     while step < total:
         if fail_at is not None and step == fail_at and resumed is None and rank == fail_rank:
             raise InjectedFailure(f"injected failure at step {step} on rank {rank}")
@@ -156,18 +157,20 @@ def train_loop_per_worker(s: dict[str, Any]) -> None:
             reptile_episode(net, adapt_params, episode_batches(), ep["inner_lr"], ep["meta_lr"], F.l1_loss)
         ema.update(net)
         step += 1
-        patches_done += batch * world
+        patches_window += batch * world
         running.append(float(loss.detach()))
 
         log_now = step % s["validation"]["log_every"] == 0 or step == total
         ckpt_now = step % s["checkpoint"]["every"] == 0 or step == total
         if not (log_now or ckpt_now):
             continue
-        elapsed = time.perf_counter() - t0
-        metrics: dict[str, Any] = {
+        now = time.perf_counter()
+        elapsed = now - t0
+        metrics: dict[str, Any] = {  # patches_per_s: over the steps since the last report
             "step": step, "loss": float(np.mean(running)), "lr": lr_at(step - 1, s),
-            "patches_per_s": patches_done / elapsed, **{f"loss/{k}": v for k, v in terms.items()},
+            "patches_per_s": patches_window / (now - t_window), **{f"loss/{k}": v for k, v in terms.items()},
         }
+        t_window, patches_window = now, 0
         running.clear()
         if rank == 0 and val_images and (step % s["validation"]["every"] == 0 or step == total):
             metrics.update(_validate(ema.module, s, val_images, encoder))
