@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -126,6 +127,11 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     _add_bench_enhance(benches)
     _add_bench_train(benches)
     _add_bench_adapt(benches)
+    q = benches.add_parser("curve", help="plot a pretraining run's loss and validation PSNR from its log")
+    q.add_argument("--log", required=True, help="the log of a `clipsr pretrain` run")
+    q.add_argument("--out", required=True, help="PNG to write")
+    q.add_argument("--title", default="clipsr pretrain")
+    q.set_defaults(func=_run_bench_curve)
 
 
 def _run_bench_inference(args: argparse.Namespace) -> int:
@@ -178,6 +184,19 @@ def _run_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench_curve(args: argparse.Namespace) -> int:
+    from clipsr import storage
+    from clipsr.bench.curve import parse_log, plot
+
+    curve = parse_log(storage.read_bytes(args.log).decode(errors="replace"))
+    if not curve["steps"]:
+        raise ValueError(f"{args.log} has no training progress lines")
+    plot(curve, args.out, args.title)
+    last = {n: p[-1] for n, p in curve["val"].items()}
+    print(f"{len(curve['steps'])} points up to step {curve['steps'][-1]}; last validation {last}; wrote {args.out}")
+    return 0
+
+
 def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
     q = benches.add_parser(
         "adapt",
@@ -186,9 +205,8 @@ def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
     q.add_argument("--source-model", default="default")
     q.add_argument("--data", type=_name_eq_uri, action="append", required=True, metavar="NAME=DIR")
     q.add_argument("--shots", type=_positive_int, default=10)
-    q.add_argument("--scope", action="append", choices=["adaptive", "adaptive+bias", "all"],
-                   help="scopes to compare (default: adaptive+bias and all)")
-    q.add_argument("--budget-seconds", type=float, default=270.0)
+    q.add_argument("--budget-seconds", type=float, default=270.0, help="adaptation's selection budget")
+    q.add_argument("--finetune-lr", type=float, default=3e-4, help="learning rate of the plain fine-tuning baseline")
     q.add_argument("--threads", type=_positive_int, default=2)
     q.add_argument("--out", default="docs/bench/adapt.json")
     q.set_defaults(func=_run_bench_adapt)
@@ -199,7 +217,7 @@ def _run_bench_adapt(args: argparse.Namespace) -> int:
     from clipsr.bench.adapt import bench_adaptation
 
     result = bench_adaptation(args.source_model, {k: storage.absolute(v) for k, v in args.data}, args.shots,
-                              args.scope or ["adaptive+bias", "all"], args.budget_seconds, args.threads)
+                              args.budget_seconds, args.finetune_lr, args.threads)
     storage.write_bytes_atomic(args.out, json.dumps(result, indent=2).encode())
     print(f"written to {args.out}")
     return 0
@@ -265,6 +283,17 @@ def _run_enhance(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
+def _scope_at_lr(text: str) -> tuple[str, float]:
+    scope, sep, lr = text.partition("@")
+    scopes = ("adaptive", "adaptive+bias", "all")
+    try:
+        if not sep or scope not in scopes or float(lr) <= 0:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SCOPE@LR with SCOPE in {scopes}, got {text!r}") from None
+    return scope, float(lr)
+
+
 def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "adapt",
@@ -278,8 +307,9 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shots", type=int, default=10, help="exemplars per domain for --domain (default 10)")
     p.add_argument("--scale", type=int, help="must match the source model's scale")
     p.add_argument("--out", required=True, help="model registry (folder or s3:// prefix)")
-    p.add_argument("--scope", default="adaptive+bias", choices=["adaptive", "adaptive+bias", "all"],
-                   help="what adaptation may change; 'all' is plain fine-tuning (a baseline)")
+    p.add_argument("--candidate", action="append", type=_scope_at_lr, metavar="SCOPE@LR",
+                   help="a (scope, learning rate) to try, e.g. adaptive+bias@2e-3 or all@3e-4 (repeat); "
+                        "the best on held-out exemplars wins (default: adaptive+bias@1e-3, all@2e-4, all@5e-4)")
     p.add_argument("--budget-seconds", type=float, default=270.0,
                    help="time for choosing learning rate and steps, per domain")
     p.add_argument("--cpus-per-domain", type=float, default=2.0)
@@ -305,7 +335,9 @@ def _run_adapt(args: argparse.Namespace) -> int:
         specs += load_specs(args.spec)
     if not specs:
         raise ValueError("give at least one --domain NAME=DIR or a --spec file")
-    settings = AdaptSettings(scope=args.scope, budget_seconds=args.budget_seconds, seed=args.seed)
+    settings = AdaptSettings(budget_seconds=args.budget_seconds, seed=args.seed)
+    if args.candidate:
+        settings = dataclasses.replace(settings, candidates=tuple(args.candidate))
     encoder = {"arch": args.routing_encoder, "weights": args.routing_encoder_weights, "seed": 0}
     out = storage.absolute(args.out)
     init_ray()

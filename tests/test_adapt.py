@@ -14,7 +14,7 @@ from clipsr.adapt.spec import DomainSpec
 from clipsr.factory import create_model, load_checkpoint, save_checkpoint
 from clipsr.models.checkpoint import CheckpointError
 
-SETTINGS = AdaptSettings(lrs=(1e-3,), max_steps=4, eval_every=2, batch=2, lr_patch=12, holdout=1,
+SETTINGS = AdaptSettings(candidates=(("adaptive+bias", 1e-3),), max_steps=4, eval_every=2, batch=2, lr_patch=12, holdout=1,
                          budget_seconds=60)
 
 
@@ -48,7 +48,7 @@ def test_adapt_domain_stores_only_what_changed(source, tmp_path):
     model, meta = load_checkpoint(source)
     shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(4)]
     result = adapt_domain(model, meta, shots, SETTINGS)
-    assert result.steps in (0, 2, 4) and result.curve["0.001"]
+    assert result.steps in (0, 2, 4) and result.curve["adaptive+bias@0.001"]
     changed = {k for k, v in result.model.state_dict().items() if not torch.equal(v, model.state_dict()[k])}
     assert changed <= set(model.adaptation_names("adaptive+bias"))
     with pytest.raises(ValueError, match="smaller than one"):
@@ -141,3 +141,24 @@ def test_an_adapted_domain_is_evaluated_and_routed_by_reference(source, tmp_path
     router = build_router(resolve_model(source, 2), registry=registry, domain="maps")
     route = router.route("any/key.png")
     assert (route.domain, route.model.version, route.model.id) == ("maps", f"v{row['version']}", row["model_id"])
+
+
+def test_plain_finetuning_baseline_changes_every_weight_within_its_time(source):
+    from clipsr.adapt.fast import plain_finetune
+
+    model, _ = load_checkpoint(source)
+    shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(3)]
+    tuned = plain_finetune(model, shots, 1e-3, seconds=0.5, s=SETTINGS)
+    changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, model.state_dict()[k])}
+    assert "backbone.body.0.body.0.weight" in changed  # a conv weight: beyond the adaptation scope
+
+
+def test_adapt_command_line_validates_candidates():
+    import argparse
+
+    from clipsr.cli import _scope_at_lr
+
+    assert _scope_at_lr("all@3e-4") == ("all", 3e-4)
+    for bad in ("all", "everything@1e-3", "all@-1", "all@x"):
+        with pytest.raises(argparse.ArgumentTypeError, match="SCOPE@LR"):
+            _scope_at_lr(bad)

@@ -1,11 +1,13 @@
 """Adapting a source model to one domain from a few HR exemplars ("shots").
 
-Only the adaptation parameters change (the domain-adaptive module and biases: the set the source
-model rehearsed in its meta-learning episodes), so an adapted model is a small delta on a shared
-source. Step count and learning rate are chosen without evaluation images: the last shots (in
-sorted order) are held out, a short trajectory per candidate learning rate is scored on them,
-and the best (learning rate, steps) is then trained on all the shots. The held-out scores of the
-selection run are the honest estimate of the gain, and decide promotion.
+Candidates are (scope, learning rate) pairs. The ``adaptive+bias`` scope changes only the
+domain-adaptive module and the biases (the set the source model rehearsed in its meta-learning
+episodes), so its result is a small delta on the shared source; the ``all`` scope fine-tunes every
+weight. Scope, learning rate and step count are chosen without evaluation images: the last shots
+(in sorted order) are held out, a trajectory per candidate is scored on them every few steps
+within an equal share of the time budget, and the best (scope, learning rate, steps) is then
+trained on all the shots. The held-out scores of the selection run are the honest estimate of
+the gain, and decide promotion.
 """
 from __future__ import annotations
 
@@ -25,12 +27,16 @@ from clipsr.train.data import PatchSampler, TrainImage
 from clipsr.train.episodes import inner_loop
 
 
+#: Measured on the bundled x4 model (docs/benchmarks.md): on a CPU budget the bias-only scope
+#: moves little, so full fine-tuning at two learning rates is among the candidates.
+DEFAULT_CANDIDATES: tuple[tuple[str, float], ...] = (("adaptive+bias", 1e-3), ("all", 2e-4), ("all", 5e-4))
+
+
 @dataclass
 class AdaptSettings:
-    scope: str = "adaptive+bias"
-    lrs: tuple[float, ...] = (3e-4, 1e-3)
-    max_steps: int = 120
-    eval_every: int = 20
+    candidates: tuple[tuple[str, float], ...] = DEFAULT_CANDIDATES
+    max_steps: int = 400  # in practice the time budget stops a candidate first
+    eval_every: int = 25
     batch: int = 12
     lr_patch: int = 48
     holdout: int = 2
@@ -70,7 +76,17 @@ def _run(
     source: CDASR, scope: str, shots: list[np.ndarray], lr: float, steps: int, s: AdaptSettings,
     on_checkpoint: Callable[[int, CDASR], None] | None = None,
 ) -> CDASR:
-    model = copy.deepcopy(source).train()
+    """A copy of ``source`` after ``steps`` steps on ``shots`` (``on_checkpoint`` may stop it early)."""
+    model = copy.deepcopy(source)
+    _run_into(model, scope, shots, lr, steps, s, on_checkpoint)
+    return model.eval()
+
+
+def _run_into(
+    model: CDASR, scope: str, shots: list[np.ndarray], lr: float, steps: int, s: AdaptSettings,
+    on_checkpoint: Callable[[int, CDASR], None] | None = None,
+) -> None:
+    model.train()
     params = model.adaptation_parameters(scope)
     sampler = PatchSampler([TrainImage(str(i), 0, img) for i, img in enumerate(shots)],
                            model.scale, s.lr_patch, seed=s.seed)
@@ -84,7 +100,6 @@ def _run(
         done += n
         if on_checkpoint:
             on_checkpoint(done, model)
-    return model.eval()
 
 
 def adapt_domain(source: CDASR, meta: dict[str, Any], shots: list[np.ndarray], s: AdaptSettings) -> AdaptResult:
@@ -102,29 +117,46 @@ def adapt_domain(source: CDASR, meta: dict[str, Any], shots: list[np.ndarray], s
     before = heldout_psnr(source, meta, held, scale)
 
     curve: dict[str, list[tuple[int, float]]] = {}
-    best = (before, 0.0, 0)  # (held-out PSNR, lr, steps); 0 steps = the source model itself
-    per_lr_budget = s.budget_seconds * 0.6 / len(s.lrs)
-    for lr in s.lrs:
+    # (held-out PSNR, scope, lr, steps); 0 steps = the source model itself
+    best: tuple[float, str, float, int] = (before, s.candidates[0][0], 0.0, 0)
+    per_candidate = s.budget_seconds * 0.6 / len(s.candidates)
+    for scope, lr in s.candidates:
         started = time.perf_counter()
         points: list[tuple[int, float]] = []
 
-        def score(step: int, model: CDASR, lr: float = lr, points: list = points) -> None:
+        def score(step: int, model: CDASR, points: list = points, started: float = started) -> None:
             points.append((step, heldout_psnr(model, meta, held, scale)))
-            if time.perf_counter() - started > per_lr_budget:
+            if time.perf_counter() - started > per_candidate:
                 raise _Budget()
 
         try:
-            _run(source, s.scope, fit, lr, s.max_steps, s, on_checkpoint=score)
+            _run(source, scope, fit, lr, s.max_steps, s, on_checkpoint=score)
         except _Budget:
             pass
-        curve[f"{lr:g}"] = points
+        curve[f"{scope}@{lr:g}"] = points
         for step, psnr in points:
             if psnr > best[0]:
-                best = (psnr, lr, step)
+                best = (psnr, scope, lr, step)
 
-    after, lr, steps = best
-    model = _run(source, s.scope, shots, lr, steps, s) if steps > 0 else copy.deepcopy(source).eval()
-    return AdaptResult(model, s.scope, lr, steps, before, after, curve, time.perf_counter() - t0)
+    after, scope, lr, steps = best
+    model = _run(source, scope, shots, lr, steps, s) if steps > 0 else copy.deepcopy(source).eval()
+    return AdaptResult(model, scope, lr, steps, before, after, curve, time.perf_counter() - t0)
+
+
+def plain_finetune(source: CDASR, shots: list[np.ndarray], lr: float, seconds: float, s: AdaptSettings) -> CDASR:
+    """The baseline: every weight, one fixed learning rate, all shots, for ``seconds`` (no selection)."""
+    started = time.perf_counter()
+
+    def stop(step: int, model: CDASR) -> None:
+        if time.perf_counter() - started > seconds:
+            raise _Budget()
+
+    model = copy.deepcopy(source)
+    try:
+        _run_into(model, "all", shots, lr, 100_000, s, stop)
+    except _Budget:
+        pass
+    return model.eval()
 
 
 class _Budget(Exception):
