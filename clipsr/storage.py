@@ -324,7 +324,8 @@ def write_bytes_atomic(uri: str, data: bytes) -> None:
     retry(lambda: fs.pipe_file(path, data))
 
 
-def _write_local_atomic(path: str, data: bytes) -> None:
+def _write_temp(path: str, data: bytes) -> str:
+    """A complete, synced hidden temporary file next to ``path``, to be renamed or linked into place."""
     folder, name = os.path.split(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
@@ -333,6 +334,16 @@ def _write_local_atomic(path: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        raise
+    return temp
+
+
+def _write_local_atomic(path: str, data: bytes) -> None:
+    temp = _write_temp(path, data)
+    try:
         os.replace(temp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -431,7 +442,8 @@ def retry(fn: Callable[[], T], attempts: int = 5, base_delay: float = 0.2, max_d
 _LOCAL_CAS_LOCK = threading.Lock()
 
 
-def _require_conditional(uri: str) -> str:
+def require_conditional_writes(uri: str) -> str:
+    """The URI's protocol, if this module can write to it conditionally (local, s3); else ValueError."""
     protocol = _protocol(uri)
     if protocol not in _LOCAL_PROTOCOLS + ("s3", "s3a"):
         raise ValueError(f"conditional writes need a local path or s3:// URI, got {protocol}:// in {uri}")
@@ -482,7 +494,7 @@ def _retry_conditional(fn: Callable[[], T], attempts: int = 5) -> T:
 def read_bytes_with_etag(uri: str) -> tuple[bytes, str]:
     """The whole object and its version token, from one consistent read (FileNotFoundError if
     absent). S3: one GetObject, so the ETag names exactly the bytes returned."""
-    if _require_conditional(uri) in _LOCAL_PROTOCOLS:
+    if require_conditional_writes(uri) in _LOCAL_PROTOCOLS:
         data = read_bytes(uri)
         return data, content_hash(data)
     fs, bucket, key = _s3_bucket_key(uri)
@@ -512,7 +524,7 @@ def write_bytes_if_absent(uri: str, data: bytes) -> bool:
     ``If-None-Match: *`` (AWS conditional writes; moto honours it too), large objects through a
     multipart upload completed with the same condition.
     """
-    if _require_conditional(uri) in _LOCAL_PROTOCOLS:
+    if require_conditional_writes(uri) in _LOCAL_PROTOCOLS:
         if _create_local(_local_path(uri), data):
             return True
     else:
@@ -530,15 +542,9 @@ def write_bytes_if_absent(uri: str, data: bytes) -> bool:
 
 
 def _create_local(path: str, data: bytes) -> bool:
-    folder, name = os.path.split(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    temp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+    temp = _write_temp(path, data)
     try:
-        with open(temp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.link(temp, os.path.join(folder, name))
+        os.link(temp, os.path.abspath(path))
         return True
     except FileExistsError:
         return False
@@ -558,7 +564,7 @@ def write_bytes_if_match(uri: str, data: bytes, etag: str) -> bool:
     and atomic replace; every local writer of the object must come through here (plain writes
     do not take the lock). The lock file stays; the kernel drops the lock if a holder dies.
     """
-    if _require_conditional(uri) in _LOCAL_PROTOCOLS:
+    if require_conditional_writes(uri) in _LOCAL_PROTOCOLS:
         return _replace_local_if_match(_local_path(uri), data, etag)
     fs, bucket, key = _s3_bucket_key(uri)
     quoted = etag if etag.startswith('"') else f'"{etag}"'

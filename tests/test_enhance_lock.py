@@ -80,5 +80,5 @@ def test_a_lock_left_by_a_dead_process_on_this_host_is_taken_over_at_once(tmp_pa
 
 
 def test_lock_needs_a_store_with_conditional_writes():
-    with pytest.raises(ValueError, match="local or s3"):
+    with pytest.raises(ValueError, match="local path or s3"):
         RunLock("gs://bucket/out/_lock", "run-1")

@@ -9,13 +9,9 @@ killed local run). Every write is conditional, so two runs racing for a stale lo
 - S3: ``PutObject`` with ``If-None-Match: *`` to create, ``If-Match: <ETag>`` to refresh or take over
   (conditional writes, supported by AWS S3 since 2024 and by moto).
 - local disks: create by hard-linking a complete temporary file (atomic, fails if the name
-  exists); refresh and take over by comparing the content first (a narrow race, acceptable on one
-  machine; use S3 for shared outputs).
+  exists); refresh and take over under an exclusive file lock around read-compare-replace.
 
-Other protocols are refused: their stores offer no conditional write here.
-
-These conditional primitives belong in storage.py (the one module that knows filesystems); they
-live here until storage grows ``write_bytes_exclusive``/``replace_if_match``.
+The primitives are :mod:`clipsr.storage`'s conditional writes; other protocols are refused there.
 """
 from __future__ import annotations
 
@@ -42,103 +38,37 @@ class _Conflict(Exception):
     """A conditional write found the object changed (or present) since it was read."""
 
 
-# --- conditional object primitives -----------------------------------------------------------
-
-
-def _is_s3(uri: str) -> bool:
-    return uri.lower().startswith(("s3://", "s3a://"))
-
-
-def _is_local(uri: str) -> bool:
-    return "://" not in uri or uri.lower().startswith("file://")
-
-
-def _local(uri: str) -> str:
-    return uri[len("file://"):] if uri.lower().startswith("file://") else uri
-
-
-def _s3(uri: str):
-    fs, path = storage.filesystem(uri)
-    bucket, _, key = path.partition("/")
-    return fs, bucket, key
-
-
-def _precondition_failed(e: OSError) -> bool:
-    """s3fs turns HTTP 412 into FileExistsError (If-None-Match) or OSError(EINVAL) (If-Match), and a
-    conditional write to a deleted object into FileNotFoundError."""
-    return isinstance(e, (FileExistsError, FileNotFoundError)) or "pre-condition" in str(e)
+# --- conditional object primitives (storage's, with the lock's version token) -------------------
 
 
 def _read(uri: str) -> tuple[bytes, str] | None:
-    """The object and a version token (ETag on S3, content hash locally), or None if absent.
-
-    S3: the ETag is read before the body, so a token never names newer content than was read; a
-    change in between makes the following conditional write fail, which is the safe outcome.
-    """
-    if _is_s3(uri):
-        fs, path = storage.filesystem(uri)
-        try:
-            fs.invalidate_cache(path)
-            etag = storage.retry(lambda: fs.info(path))["ETag"]
-            return storage.retry(lambda: fs.cat_file(path)), etag
-        except FileNotFoundError:
-            return None
+    """The lock document and its version token, or None if there is none."""
     try:
-        with open(_local(uri), "rb") as f:
-            data = f.read()
+        return storage.read_bytes_with_etag(uri)
     except FileNotFoundError:
         return None
-    return data, hashlib.sha256(data).hexdigest()
+
+
+def _token_of(uri: str, data: bytes) -> str:
+    """The version token of the document this run just wrote (re-read: S3 assigns the ETag)."""
+    current = _read(uri)
+    if current is None or current[0] != data:
+        raise _Conflict(f"{uri} changed right after it was written")
+    return current[1]
 
 
 def _create(uri: str, data: bytes) -> str:
     """Create the object only if absent; returns its version token; raises _Conflict if present."""
-    if _is_s3(uri):
-        fs, bucket, key = _s3(uri)
-        try:
-            out = storage.retry(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*"))
-        except OSError as e:
-            if _precondition_failed(e):
-                raise _Conflict(str(e)) from None
-            raise
-        return out["ETag"]
-    path = _local(uri)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    temp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
-    with open(temp, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    try:
-        os.link(temp, path)
-    except FileExistsError:
-        raise _Conflict(f"{uri} exists") from None
-    finally:
-        os.unlink(temp)
-    return hashlib.sha256(data).hexdigest()
+    if not storage.write_bytes_if_absent(uri, data):
+        raise _Conflict(f"{uri} exists")
+    return _token_of(uri, data)
 
 
 def _replace(uri: str, data: bytes, token: str) -> str:
     """Replace the object only if it is still at version ``token``; returns the new token."""
-    if _is_s3(uri):
-        fs, bucket, key = _s3(uri)
-        try:
-            out = storage.retry(lambda: fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfMatch=token))
-        except OSError as e:
-            if _precondition_failed(e):
-                raise _Conflict(str(e)) from None
-            raise
-        return out["ETag"]
-    current = _read(uri)
-    if current is None or current[1] != token:
+    if not storage.write_bytes_if_match(uri, data, token):
         raise _Conflict(f"{uri} changed")
-    storage.write_bytes_atomic(uri, data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def _check_supported(uri: str) -> None:
-    if not (_is_s3(uri) or _is_local(uri)):
-        raise ValueError(f"the run lock needs a local or s3:// output prefix, got {uri}")
+    return _token_of(uri, data)
 
 
 # --- the lock --------------------------------------------------------------------------------
@@ -150,7 +80,7 @@ class RunLock:
     def __init__(self, uri: str, run_id: str, ttl_s: float = 600.0, clock: Callable[[], float] = time.time) -> None:
         if ttl_s <= 0:
             raise ValueError(f"lock ttl must be positive, got {ttl_s}")
-        _check_supported(uri)
+        storage.require_conditional_writes(uri)
         self.uri, self.run_id, self.ttl_s, self.clock = uri, run_id, ttl_s, clock
         self.lost = False
         self._token: str | None = None
