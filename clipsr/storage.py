@@ -24,13 +24,16 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import fsspec
 import fsspec.asyn
 from fsspec.implementations.local import LocalFileSystem
 
 from clipsr.imaging import IMAGE_EXTENSIONS, is_image_path
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -117,7 +120,7 @@ def absolute(uri: str) -> str:
     return uri
 
 
-def pyarrow_filesystem(uri: str) -> tuple["pyarrow.fs.FileSystem", str]:
+def pyarrow_filesystem(uri: str) -> tuple["pafs.FileSystem", str]:
     """A pyarrow filesystem and path for ``uri``, for libraries that take one (Ray Train storage).
 
     A bare ``pyarrow.fs.S3FileSystem()`` ignores AWS_ENDPOINT_URL, so the endpoint is passed

@@ -15,14 +15,12 @@ The primitives are :mod:`clipsr.storage`'s conditional writes; other protocols a
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import socket
 import threading
 import time
-import uuid
 from typing import Callable
 
 from clipsr import storage
