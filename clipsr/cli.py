@@ -60,7 +60,8 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     def progress(row: dict[str, Any]) -> None:
         name = row["uri"].rsplit("/", 1)[-1]
-        result = row.get("error") or f"Y-PSNR {row['psnr_y']:.3f} dB"
+        result = row.get("error") or ("exact reconstruction (infinite PSNR)" if row["exact"]
+                                      else f"Y-PSNR {row['psnr_y']:.3f} dB")
         print(f"[{row['dataset']}] {row['index'] + 1:>4} {name}: {result} ({row['seconds']:.2f}s)",
               file=sys.stderr, flush=True)
 

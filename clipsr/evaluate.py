@@ -80,7 +80,11 @@ def evaluate(
             try:
                 hr = imaging.load_rgb_or_grey_uint8(storage.read_bytes(uri))
                 row.update(height=hr.shape[0], width=hr.shape[1], channels=hr.shape[2])
-                row.update(score_image(upscaler, hr, scale))
+                scores = score_image(upscaler, hr, scale)
+                # an exact reconstruction has infinite PSNR: JSON has no infinity, so the row says
+                # so explicitly and the PSNR means leave it out (counted in ``exact``)
+                row.update({k: (v if math.isfinite(v) else None) for k, v in scores.items()})
+                row["exact"] = not math.isfinite(scores["psnr_y"])
                 ok.append(row)
             except (imaging.ImageDecodeError, ValueError, OSError) as e:
                 row["error"] = f"{type(e).__name__}: {e}"
@@ -91,9 +95,10 @@ def evaluate(
         summary[name] = {
             "images": len(ok),
             "failed": len(uris) - len(ok),
-            "psnr_y": _mean([r["psnr_y"] for r in ok if math.isfinite(r["psnr_y"])]),
+            "exact": sum(r["exact"] for r in ok),
+            "psnr_y": _mean([r["psnr_y"] for r in ok if r["psnr_y"] is not None]),
             "ssim_y": _mean([r["ssim_y"] for r in ok]),
-            "psnr_rgb": _mean([r["psnr_rgb"] for r in ok if math.isfinite(r["psnr_rgb"])]),
+            "psnr_rgb": _mean([r["psnr_rgb"] for r in ok if r["psnr_rgb"] is not None]),
             "uri": datasets[name],
         }
     return {

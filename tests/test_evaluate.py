@@ -129,3 +129,27 @@ def test_image_too_small_for_the_scale_is_a_row_error_not_a_crash(tmp_path):
     rows = dict(zip(_names(report["images"]), report["images"]))
     assert "too small" in rows["tiny.png"]["error"] and "error" not in rows["ok.png"]
     assert report["datasets"]["d"]["failed"] == 1
+
+
+def test_an_exact_reconstruction_is_reported_without_breaking_json(tmp_path):
+    """A flat image survives bicubic unchanged: its PSNR is infinite, which JSON cannot hold."""
+    import json as _json
+
+    from PIL import Image as _Image
+
+    from clipsr.cli import main as _main
+
+    folder = tmp_path / "flat"
+    folder.mkdir()
+    _Image.new("RGB", (64, 64), (120, 80, 40)).save(folder / "flat.png")
+    rng = __import__("numpy").random.default_rng(0)
+    _Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype="uint8")).save(folder / "noise.png")
+    report = tmp_path / "r.json"
+    assert _main(["evaluate", "--model", "bicubic", "--scale", "2", "--data", f"d={folder}",
+                  "--report", str(report)]) == 0
+    doc = _json.loads(report.read_text(), parse_constant=lambda c: (_ for _ in ()).throw(ValueError(c)))
+    flat = next(r for r in doc["images"] if r["uri"].endswith("flat.png"))
+    noise = next(r for r in doc["images"] if r["uri"].endswith("noise.png"))
+    assert flat["exact"] is True and flat["psnr_y"] is None and flat["ssim_y"] == 1.0
+    assert doc["datasets"]["d"]["exact"] == 1 and doc["datasets"]["d"]["images"] == 2
+    assert doc["datasets"]["d"]["psnr_y"] == noise["psnr_y"]
