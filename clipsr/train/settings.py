@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from importlib import resources
 from typing import Any, Iterable
 
@@ -61,6 +62,6 @@ def _absolute_paths(s: dict[str, Any]) -> dict[str, Any]:
     s["data"]["val"] = {k: storage.absolute(u) for k, u in s["data"]["val"].items()}
     for section, key in (("model", "init_from"), ("clip", "weights"), ("loss", "perceptual_weights")):
         value = s[section].get(key)
-        if value and ("/" in value or value.startswith(".")):  # a path, not a name like "default"
+        if value and (os.path.exists(value) or "/" in value):  # a path, not a name like "default"
             s[section][key] = storage.absolute(value)
     return s
