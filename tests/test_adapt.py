@@ -162,3 +162,45 @@ def test_adapt_command_line_validates_candidates():
     for bad in ("all", "everything@1e-3", "all@-1", "all@x"):
         with pytest.raises(argparse.ArgumentTypeError, match="SCOPE@LR"):
             _scope_at_lr(bad)
+
+
+@pytest.mark.slow
+def test_enhance_routes_each_image_to_the_nearest_domain(ray_local, source, tmp_path):
+    """Grey pages and colourful photos, two adapted domains: --route auto sends each to its own."""
+    import pyarrow.parquet as pq
+
+    from clipsr.adapt.run import adapt_one
+    from clipsr.enhance.options import EnhanceOptions
+    from clipsr.enhance.run import run_enhance
+    from clipsr.registry import Registry
+
+    data, registry = str(tmp_path / "data"), str(tmp_path / "registry")
+    encoder = {"arch": "color-stats"}
+    for name, grey in (("photos", False), ("pages", True)):
+        row = adapt_one(DomainSpec.shorthand(f"{name}={_domain(data, name, grey=grey)}", 4, 2), source,
+                        SETTINGS, registry, encoder, threads=1)
+        assert row["status"] == "ok", row
+        Registry(registry).set_current(name, row["version"])
+    inputs = tmp_path / "in"
+    storage.write_bytes_atomic(str(inputs / "scan_grey.png"), _png(101, grey=True))
+    storage.write_bytes_atomic(str(inputs / "photo_colour.png"), _png(102))
+    out = str(tmp_path / "out")
+
+    def run(threshold: float):
+        result = run_enhance(EnhanceOptions(input=str(inputs), output=out, model=source, models=registry,
+                                            route="auto", route_threshold=threshold, threads=1, device="cpu"))
+        table = pq.read_table(result.manifest_uri).to_pylist()
+        return result, {r["input_uri"].rsplit("/", 1)[-1]: r for r in table}
+
+    result, rows = run(0.0)
+    assert result.exit_code == 0, result.summary
+    assert rows["scan_grey.png"]["domain"] == "pages" and rows["photo_colour.png"]["domain"] == "photos"
+    for r in rows.values():
+        assert r["status"] == "ok" and r["model_version"] == "v1" and -1 <= r["route_similarity"] <= 1
+        assert "routed to" in r["notes"]
+    _, again = run(0.0)  # the registry did not change: nothing is redone
+    assert {r["status"] for r in again.values()} == {"skipped"}
+    # a new threshold is a new routing: every input is routed again, and none is that close
+    _, strict = run(0.999999)
+    for r in strict.values():
+        assert (r["status"], r["domain"], r["model_version"]) == ("ok", "default", None)

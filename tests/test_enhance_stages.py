@@ -189,7 +189,7 @@ def test_prefix_routes_pick_the_longest_match_and_keep_the_source_model_elsewher
 
 def test_registry_routing_says_what_is_missing(tmp_path):
     source = _ref("source")
-    with pytest.raises(RegistryUnavailableError, match="--route auto is not implemented"):
+    with pytest.raises(RegistryUnavailableError, match="--route auto needs --models REGISTRY"):
         build_router(source, route="auto")
     with pytest.raises(RegistryUnavailableError, match="needs --models REGISTRY"):
         build_router(source, domain="maps")

@@ -20,6 +20,7 @@ import torch
 from clipsr import imaging
 from clipsr.enhance import rows as R
 from clipsr.enhance.decode import to_float
+from clipsr.enhance.routing import AUTO_PREFIX, AutoChooser
 from clipsr.factory import load_upscaler
 
 
@@ -48,6 +49,7 @@ class InferStage:
         self.image_timeout = image_timeout
         self.max_models = max_models
         self._models: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self._choosers: dict[str, AutoChooser] = {}
         self._deadline: float | None = None
 
     def _check_deadline(self, module: torch.nn.Module, args: Any) -> None:
@@ -69,13 +71,26 @@ class InferStage:
             self._models.popitem(last=False)
         return up
 
+    def _route_auto(self, row: dict[str, Any], lr: np.ndarray) -> str:
+        """Choose this image's model (--route auto); record the choice in the row."""
+        spec = row["model_spec"]
+        if spec not in self._choosers:
+            self._choosers[spec] = AutoChooser(spec)
+        chosen, domain, version, similarity = self._choosers[spec].choose(_rgb(lr))
+        row.update(domain=domain, model_version=version, route_similarity=similarity)
+        return chosen
+
     def upscale_row(self, row: dict[str, Any]) -> None:
-        up = self.upscaler(row["model_spec"], int(row["scale"]))
-        if up.describe()["id"] != row["model_id"]:
+        auto = row["model_spec"].startswith(AUTO_PREFIX)
+        lr = to_float(R.unpack(row["lr"]))
+        spec = self._route_auto(row, lr) if auto else row["model_spec"]
+        up = self.upscaler(spec, int(row["scale"]))
+        if auto:
+            R.add_note(row, f"routed to {up.describe()['id']}")
+        elif up.describe()["id"] != row["model_id"]:
             R.fail(row, f"model {row['model_spec']} is now {up.describe()['id']}, not the {row['model_id']} "
                         "the run was planned with; rerun")
             return
-        lr = to_float(R.unpack(row["lr"]))
         start = time.monotonic()
         self._deadline = start + self.image_timeout
         try:

@@ -18,6 +18,7 @@ class EnhanceOptions:
     route: str | None = None
     route_map: str | None = None
     domain: str | None = None
+    route_threshold: float = 0.8
     model: str = "default"
     scale: int | None = None
     format: str | None = None
@@ -35,6 +36,8 @@ class EnhanceOptions:
     lock_ttl: float = 600.0
 
     def check(self) -> None:
+        if not -1.0 <= self.route_threshold <= 1.0:
+            raise ValueError(f"--route-threshold is a cosine in [-1, 1], got {self.route_threshold}")
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ValueError(f"--max-failed-fraction must be in [0, 1], got {self.max_failed_fraction}")
         if self.limit is not None and self.limit < 1:
@@ -75,6 +78,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     route.add_argument("--route", choices=["auto"], help="route each image to the nearest domain (registry)")
     route.add_argument("--route-map", metavar="FILE", help="YAML/JSON mapping of key prefix -> domain (registry)")
     route.add_argument("--domain", metavar="NAME", help="send every image to one domain's model (backfill)")
+    p.add_argument("--route-threshold", type=float, default=0.8, metavar="COS",
+                   help="--route auto: below this cosine to the nearest domain centroid, use --model (default 0.8)")
     p.add_argument("--model", default="default",
                    help="model without a registry: default (bundled), bicubic, or a checkpoint path/URI")
     p.add_argument("--scale", type=int, help="upscaling factor (default: the model's)")

@@ -4,12 +4,19 @@ A router maps a relative key to a :class:`Route` (domain, model, similarity). Wi
 options every input goes to ``--model`` under the domain ``default``. Prefix maps (``--route-map``)
 and backfills of one domain (``--domain``) look the domain's current version up in the model
 registry (``--models``, written by ``clipsr adapt``) once, at planning time, and pin it: the whole
-run uses that version even if another is promoted meanwhile. ``--route auto`` (nearest centroid,
-threshold, source model below it) needs each image's embedding, so it has to route in the
-inference stage; it is not implemented yet and says so.
+run uses that version even if another is promoted meanwhile.
+
+``--route auto`` needs each image's embedding, so the choice happens in the inference stage
+(:class:`AutoChooser`): nearest current domain centroid by cosine, ``--model`` below the
+threshold. The planner only sees the routing *signature* (a hash of the source model, the
+threshold and every current domain version) as the rows' ``model_id``: while the registry does
+not change, unchanged inputs are skipped; once a domain gets a new version, auto-routed inputs are
+routed (and enhanced) again. The model actually used is the row's domain and ``model_version``.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -114,6 +121,63 @@ def resolve_domain(registry: str | None, domain: str) -> ModelRef:
                     clip_encoder=ref.clip_encoder)
 
 
+AUTO_PREFIX = "auto:"
+
+
+def auto_spec(registry: str, threshold: float, source_spec: str) -> str:
+    """The model spec that tells the inference stage to choose per image (JSON after a prefix)."""
+    return AUTO_PREFIX + json.dumps({"registry": registry, "threshold": threshold, "source": source_spec})
+
+
+def auto_router(registry: str, source: ModelRef, threshold: float) -> SingleModelRouter:
+    """Every input to the per-image chooser, under a signature of the registry's current state."""
+    from clipsr.registry import Registry
+
+    current = Registry(registry).centroids()
+    if not current:
+        raise RegistryUnavailableError(f"--route auto: no domain in {registry} has a current version with a centroid")
+    encoders = {json.dumps(e.doc.get("centroid_encoder"), sort_keys=True) for e, _ in current.values()}
+    if len(encoders) != 1:
+        raise RegistryUnavailableError("--route auto: the domains' centroids come from different encoders")
+    state = [source.id, threshold] + sorted([d, e.version, e.doc["model"]["id"]] for d, (e, _) in current.items())
+    signature = "auto-" + hashlib.sha256(json.dumps(state).encode()).hexdigest()[:12]
+    model = ModelRef(spec=auto_spec(registry, threshold, source.spec), id=signature, scale=source.scale)
+    return SingleModelRouter(model, domain="auto")
+
+
+class AutoChooser:
+    """Per-image routing in the inference stage: embed, compare with centroids, pick a model spec."""
+
+    def __init__(self, spec: str) -> None:
+        from clipsr.clip import EncoderIdentity, load_image_encoder
+        from clipsr.registry import Registry
+
+        conf = json.loads(spec[len(AUTO_PREFIX):])
+        self.threshold, self.source = float(conf["threshold"]), conf["source"]
+        current = Registry(conf["registry"]).centroids()
+        self.domains = sorted(current)
+        self.entries = [current[d][0] for d in self.domains]
+        self.centroids = [current[d][1] for d in self.domains]
+        want = EncoderIdentity.from_dict(self.entries[0].doc["centroid_encoder"])
+        seed = int(want.weights.split(":", 1)[1]) if want.weights.startswith("random:") else 0
+        weights = None if want.weights.startswith("random:") else want.weights
+        self.encoder = load_image_encoder(want.arch, weights, seed=seed)
+        if not self.encoder.identity.matches(want):
+            raise ValueError(f"--route auto: cannot rebuild the centroid encoder {want.arch} {want.weights}")
+
+    def choose(self, image_rgb) -> tuple[str, str, str | None, float]:
+        """(model spec, domain, version, similarity) for one HxWx3 image."""
+        import numpy as np
+
+        emb = self.encoder.embed_images([image_rgb])[0]
+        sims = [float(np.dot(emb, c)) for c in self.centroids]
+        best = int(np.argmax(sims))
+        if sims[best] < self.threshold:
+            return self.source, DEFAULT_DOMAIN, None, sims[best]
+        entry = self.entries[best]
+        return entry.ref, self.domains[best], f"v{entry.version}", sims[best]
+
+
 def load_route_map(uri: str) -> dict[str, str]:
     """A YAML/JSON mapping of key prefix -> domain name (``scans/1890/: newspapers``)."""
     doc = parse_document(storage.read_bytes(uri))
@@ -134,6 +198,7 @@ def build_router(
     route_map: str | None = None,
     domain: str | None = None,
     resolve: Callable[[str | None, str], ModelRef] = resolve_domain,
+    threshold: float = 0.8,
 ) -> Router:
     """The router for the command line's routing options (at most one of route, route_map, domain)."""
     if sum(x is not None for x in (route, route_map, domain)) > 1:
@@ -141,8 +206,9 @@ def build_router(
     if route is not None:
         if route != "auto":
             raise ValueError(f"--route takes 'auto', got {route!r}")
-        raise RegistryUnavailableError("--route auto is not implemented yet: route with --route-map FILE "
-                                       "or --domain NAME (with --models REGISTRY)")
+        if registry is None:
+            raise RegistryUnavailableError("--route auto needs --models REGISTRY")
+        return auto_router(registry, model, threshold)
     if domain is not None:
         return SingleModelRouter(resolve(registry, domain), domain)
     if route_map is not None:

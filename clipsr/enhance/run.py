@@ -79,7 +79,8 @@ def run_enhance(opts: EnhanceOptions, progress: TextIO | None = None) -> RunResu
         opts.check()
         layout = RunLayout.create(opts.input, opts.output, opts.manifest, run_id)
         model = resolve_model(_absolute_spec(opts.model), opts.scale)
-        router = build_router(model, opts.models, opts.route, opts.route_map, opts.domain)
+        router = build_router(model, opts.models, opts.route, opts.route_map, opts.domain,
+                              threshold=opts.route_threshold)
         if opts.dry_run:
             return _dry_run(opts, layout, router, model.scale)
         with RunLock(layout.lock, run_id, opts.lock_ttl) as lock:
