@@ -124,9 +124,11 @@ def resolve_domain(registry: str | None, domain: str) -> ModelRef:
 AUTO_PREFIX = "auto:"
 
 
-def auto_spec(registry: str, threshold: float, source_spec: str) -> str:
-    """The model spec that tells the inference stage to choose per image (JSON after a prefix)."""
-    return AUTO_PREFIX + json.dumps({"registry": registry, "threshold": threshold, "source": source_spec})
+def auto_spec(registry: str, threshold: float, source_spec: str, versions: dict[str, int]) -> str:
+    """The model spec that tells the inference stage to choose per image (JSON after a prefix);
+    the domain versions are pinned, so a promotion during the run does not change its routing."""
+    return AUTO_PREFIX + json.dumps({"registry": registry, "threshold": threshold, "source": source_spec,
+                                     "versions": versions}, sort_keys=True)
 
 
 def auto_router(registry: str, source: ModelRef, threshold: float) -> SingleModelRouter:
@@ -141,7 +143,8 @@ def auto_router(registry: str, source: ModelRef, threshold: float) -> SingleMode
         raise RegistryUnavailableError("--route auto: the domains' centroids come from different encoders")
     state = [source.id, threshold] + sorted([d, e.version, e.doc["model"]["id"]] for d, (e, _) in current.items())
     signature = "auto-" + hashlib.sha256(json.dumps(state).encode()).hexdigest()[:12]
-    model = ModelRef(spec=auto_spec(registry, threshold, source.spec), id=signature, scale=source.scale)
+    versions = {d: e.version for d, (e, _) in current.items()}
+    model = ModelRef(spec=auto_spec(registry, threshold, source.spec, versions), id=signature, scale=source.scale)
     return SingleModelRouter(model, domain="auto")
 
 
@@ -154,10 +157,10 @@ class AutoChooser:
 
         conf = json.loads(spec[len(AUTO_PREFIX):])
         self.threshold, self.source = float(conf["threshold"]), conf["source"]
-        current = Registry(conf["registry"]).centroids()
-        self.domains = sorted(current)
-        self.entries = [current[d][0] for d in self.domains]
-        self.centroids = [current[d][1] for d in self.domains]
+        registry = Registry(conf["registry"])
+        self.domains = sorted(conf["versions"])
+        self.entries = [registry.get(d, conf["versions"][d]) for d in self.domains]
+        self.centroids = [e.centroid for e in self.entries]
         want = EncoderIdentity.from_dict(self.entries[0].doc["centroid_encoder"])
         seed = int(want.weights.split(":", 1)[1]) if want.weights.startswith("random:") else 0
         weights = None if want.weights.startswith("random:") else want.weights
