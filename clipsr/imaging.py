@@ -122,6 +122,11 @@ class Decoded:
 # small helpers
 
 
+def to_rgb(image: np.ndarray) -> np.ndarray:
+    """HxWx1 greyscale as three equal channels (colour models and encoders take RGB); RGB as is."""
+    return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
+
+
 def to_uint8(x: np.ndarray) -> np.ndarray:
     """Float [0, 1] -> uint8, rounded to nearest then clipped (out-of-range values saturate)."""
     return np.clip(np.round(np.asarray(x) * 255.0), 0, 255).astype(np.uint8)

@@ -12,6 +12,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from clipsr import imaging
 from clipsr.degrade import imresize
 from clipsr.models.cdasr import CDASR, count_parameters
 from clipsr.tiling import tiled_apply
@@ -109,7 +110,7 @@ class NetworkUpscaler:
     def upscale(self, lr: np.ndarray, embedding: np.ndarray | None = None) -> np.ndarray:
         _check_lr(lr)
         grey = lr.shape[2] == 1
-        rgb = np.repeat(lr, 3, axis=2) if grey else lr
+        rgb = imaging.to_rgb(lr)
         if self.encoder is not None and embedding is None:
             embedding = self.embed(rgb)
         x = torch.from_numpy(np.ascontiguousarray(rgb.transpose(2, 0, 1), dtype=np.float32))[None]

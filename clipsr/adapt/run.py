@@ -32,7 +32,8 @@ REPORT_COLUMNS = (
 )
 
 
-def _read_shots(uris: list[str]) -> tuple[list[np.ndarray], list[dict[str, str]]]:
+def read_shots(uris: list[str]) -> tuple[list[np.ndarray], list[dict[str, str]]]:
+    """Exemplars as uint8 RGB arrays, with their URIs and content hashes (for the lineage)."""
     shots, exemplars = [], []
     for uri in uris:
         data = storage.retry(lambda uri=uri: storage.read_bytes(uri))
@@ -40,7 +41,7 @@ def _read_shots(uris: list[str]) -> tuple[list[np.ndarray], list[dict[str, str]]
             img = imaging.load_rgb_or_grey_uint8(data)
         except imaging.ImageDecodeError as e:
             raise ValueError(f"exemplar {uri} cannot be read: {e}") from None
-        shots.append(np.repeat(img, 3, axis=2) if img.shape[2] == 1 else img)
+        shots.append(imaging.to_rgb(img))
         exemplars.append({"uri": uri, "sha256": hashlib.sha256(data).hexdigest()})
     return shots, exemplars
 
@@ -69,7 +70,7 @@ def adapt_one(
         if spec.scale is not None and spec.scale != source.scale:
             raise ValueError(f"domain asks for x{spec.scale}, the source model is x{source.scale}")
         uris = spec.exemplar_uris()
-        shots, exemplars = _read_shots(uris)
+        shots, exemplars = read_shots(uris)
         result = adapt_domain(source, smeta, shots, settings)
         centroid, centroid_encoder = _centroid(shots, routing_encoder)
         scores = {

@@ -12,12 +12,11 @@ import tempfile
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
-from clipsr import imaging, storage
+from clipsr import storage
 from clipsr.adapt.fast import AdaptSettings, plain_finetune
-from clipsr.adapt.run import adapt_one
+from clipsr.adapt.run import adapt_one, read_shots
 from clipsr.adapt.spec import DomainSpec
 from clipsr.bench.inference import environment
 from clipsr.evaluate import evaluate
@@ -51,9 +50,7 @@ def bench_adaptation(
             print(f"[{name}] adapted: {adapted:.3f} dB ({adapted - base:+.3f}), {row['scope']} "
                   f"{row['steps']} steps at lr {row['lr']:g}, {row['seconds']:.0f} s", flush=True)
 
-            uris = storage.list_images(folder)[:shots]
-            imgs = [imaging.load_rgb_or_grey_uint8(storage.read_bytes(u)) for u in uris]
-            imgs = [np.repeat(i, 3, axis=2) if i.shape[2] == 1 else i for i in imgs]
+            imgs, _ = read_shots(storage.list_images(folder)[:shots])
             t0 = time.perf_counter()
             tuned = plain_finetune(src_model, imgs, finetune_lr, row["seconds"], settings)
             tuned_seconds = time.perf_counter() - t0

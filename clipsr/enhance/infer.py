@@ -33,10 +33,6 @@ def output_bit_depth(input_bit_depth: int, fmt: str) -> int:
     return 16 if input_bit_depth == 16 and fmt in imaging.SIXTEEN_BIT_FORMATS else 8
 
 
-def _rgb(image: np.ndarray) -> np.ndarray:
-    return np.repeat(image, 3, axis=2) if image.shape[2] == 1 else image
-
-
 class InferStage:
     """Ray Data actor UDF (``compute=ActorPoolStrategy``)."""
 
@@ -76,7 +72,7 @@ class InferStage:
         spec = row["model_spec"]
         if spec not in self._choosers:
             self._choosers[spec] = AutoChooser(spec)
-        chosen, domain, version, similarity = self._choosers[spec].choose(_rgb(lr))
+        chosen, domain, version, similarity = self._choosers[spec].choose(imaging.to_rgb(lr))
         row.update(domain=domain, model_version=version, route_similarity=similarity)
         return chosen
 
@@ -96,7 +92,7 @@ class InferStage:
         try:
             encoder = getattr(up, "encoder", None)
             if encoder is not None:
-                embedding = up.embed(_rgb(lr))
+                embedding = up.embed(imaging.to_rgb(lr))
                 sr = up.upscale(lr, embedding=embedding)
             else:
                 embedding, sr = None, up.upscale(lr)
@@ -110,7 +106,7 @@ class InferStage:
             return
         row["infer_s"] = elapsed
         if embedding is not None:
-            row["clip_cosine"] = float(np.dot(embedding, encoder.embed_images([_rgb(sr)])[0]))
+            row["clip_cosine"] = float(np.dot(embedding, encoder.embed_images([imaging.to_rgb(sr)])[0]))
         depth = output_bit_depth(int(row["input_bit_depth"]), row["output_format"])
         row["output_bit_depth"] = depth
         row["sr"] = R.pack(imaging.to_uint16(sr) if depth == 16 else imaging.to_uint8(sr))

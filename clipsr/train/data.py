@@ -48,9 +48,7 @@ def load_shard(
         if min(hr.shape[:2]) < min_side:
             log.warning("skipping training image %s: smaller than a patch (%s)", uri, hr.shape[:2])
             continue
-        if hr.shape[2] == 1:
-            hr = np.repeat(hr, 3, axis=2)
-        images.append(TrainImage(uri, domain, hr))
+        images.append(TrainImage(uri, domain, imaging.to_rgb(hr)))
     if not images:
         raise ValueError(f"worker {rank}/{world} has no usable training images")
     return images
