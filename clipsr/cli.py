@@ -8,6 +8,8 @@ import logging
 import sys
 from typing import Any, Sequence
 
+from clipsr import registry_cli
+
 log = logging.getLogger("clipsr")
 
 
@@ -367,6 +369,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bench(sub)
     _add_pretrain(sub)
     _add_adapt(sub)
+    registry_cli.add_parser(sub)
     return parser
 
 
@@ -377,7 +380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, PermissionError) as e:
+    except (ValueError, LookupError, FileNotFoundError, PermissionError) as e:
         print(f"clipsr {args.command}: error: {e}", file=sys.stderr)
         return 1
 

@@ -10,6 +10,7 @@ workers' own environment (pod secrets, instance roles).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -24,8 +25,15 @@ FORWARDED_ENV = (
 )
 
 
+#: Set by ``ray job submit`` in the driver's environment: the job's runtime environment.
+JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
 def worker_env() -> dict[str, str]:
-    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+    """The forwarded settings, minus those the submitted job's runtime env already sets: Ray
+    refuses a ``ray.init`` that names an env var the job's runtime env names too."""
+    job_env = json.loads(os.environ.get(JOB_CONFIG_VAR) or "{}").get("runtime_env", {}).get("env_vars") or {}
+    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k) and k not in job_env}
 
 
 def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import struct
 import subprocess
 import sys
@@ -21,11 +22,17 @@ from clipsr.enhance.decode import decode_batch
 from clipsr.enhance.infer import InferStage
 from clipsr.enhance.manifest import manifest_batch
 from clipsr.enhance.pipeline import plan_resources
-from clipsr.ray_runtime import worker_env
-from clipsr.enhance.routing import (ModelRef, PrefixRouter, RegistryUnavailableError, build_router,
-                                    load_route_map, resolve_model)
+from clipsr.enhance.routing import (
+    ModelRef,
+    PrefixRouter,
+    RegistryUnavailableError,
+    build_router,
+    load_route_map,
+    resolve_model,
+)
 from clipsr.enhance.write import write_batch
 from clipsr.factory import create_model, save_checkpoint
+from clipsr.ray_runtime import worker_env
 
 RUN = "20261126T221500Z-abc123"
 
@@ -164,6 +171,11 @@ def test_workers_get_the_storage_endpoint_but_never_credentials(monkeypatch):
         monkeypatch.setenv(name, value)
     # Ray writes runtime_env values into its logs: only what is not a secret may go there.
     assert worker_env() == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1"}
+    # Under `ray job submit` the job's runtime env may set one of them already: Ray refuses a
+    # ray.init that sets it again, so the driver leaves it to the job's.
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
+                       json.dumps({"runtime_env": {"env_vars": {"AWS_DEFAULT_REGION": "eu-west-1"}}}))
+    assert worker_env() == {"AWS_ENDPOINT_URL": "http://minio:9000"}
 
 
 # --- routing ---------------------------------------------------------------------------------

@@ -11,7 +11,12 @@ import pytest
 
 from clipsr import storage
 from clipsr.config import ConfigError
-from clipsr.registry import EntryNotFoundError, InvalidDomainError, Registry, resolve_ref
+from clipsr.registry import (
+    EntryNotFoundError,
+    InvalidDomainError,
+    Registry,
+    resolve_ref,
+)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -277,3 +282,39 @@ def test_s3_conflicts_between_writes_in_flight_are_retried(monkeypatch):
     monkeypatch.setattr(storage, "filesystem", lambda uri: (fs, uri[5:]))
     assert storage.write_bytes_if_absent("s3://bucket/key", b"x")
     assert fs.calls == 2
+
+
+# --- the `clipsr registry` command -----------------------------------------------------------
+
+
+def test_registry_command_lists_shows_and_rolls_back(tmp_path, capsys):
+    from clipsr.cli import main
+
+    reg = Registry(str(tmp_path / "registry"))
+    reg.publish("manga", b"w1", lineage(), promote=True)
+    reg.publish("manga", b"w2", lineage(scores={"gain_db": 0.3}), promote=True)
+    reg.publish("urban", b"u1", lineage(scores={"gain_db": -0.1}), promote=False)
+
+    assert main(["registry", "list", reg.uri]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    manga = next(line for line in lines if " manga " in line)
+    urban = next(line for line in lines if " urban " in line)
+    assert manga.startswith("*") and "v2" in manga and "+0.300" in manga
+    assert not urban.startswith("*") and "v1" in urban and " no " in urban  # never promoted
+
+    assert main(["registry", "set-current", f"{reg.uri}/manga/v1"]) == 0
+    assert "current v2 -> v1" in capsys.readouterr().out
+    assert Registry(reg.uri).current("manga").version == 1
+
+    assert main(["registry", "list", f"{reg.uri}/manga"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if " manga " in line]
+    assert [row.startswith("*") for row in rows] == [True, False]
+
+    assert main(["registry", "show", f"{reg.uri}/manga"]) == 0
+    assert json.loads(capsys.readouterr().out)["version"] == 1
+
+    assert main(["registry", "set-current", f"{reg.uri}/manga/v9"]) == 1
+    assert "no version 9" in capsys.readouterr().err
+    assert main(["registry", "list", str(tmp_path)]) == 1
+    assert "neither a registry" in capsys.readouterr().err
+    assert Registry(reg.uri).current("manga").version == 1

@@ -1,0 +1,91 @@
+"""``clipsr registry``: look at a model registry and move a domain's current version (rollback).
+
+Kept apart from :mod:`clipsr.cli` because it needs neither Ray nor torch: an operator can run it
+from any machine that can read the registry.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from clipsr.registry import EntryNotFoundError, Registry, is_registry, resolve_ref
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("registry", help="list a model registry's domains and versions; roll a domain back",
+                       description="Read a registry written by `clipsr adapt --out`, or move a domain's "
+                                   "CURRENT pointer to another existing version.")
+    cmds = p.add_subparsers(dest="registry_command", required=True)
+    q = cmds.add_parser("list", help="one line per domain (REGISTRY) or per version (REGISTRY/DOMAIN)")
+    q.add_argument("ref", metavar="REGISTRY[/DOMAIN]")
+    q.set_defaults(func=_run_list)
+    q = cmds.add_parser("show", help="print a version's entry (lineage, settings, scores) as JSON")
+    q.add_argument("ref", metavar="REGISTRY/DOMAIN[/vN]")
+    q.set_defaults(func=_run_show)
+    q = cmds.add_parser("set-current", help="make REGISTRY/DOMAIN/vN current (rollback or manual promotion)")
+    q.add_argument("ref", metavar="REGISTRY/DOMAIN/vN")
+    q.set_defaults(func=_run_set_current)
+
+
+def _split(ref: str) -> tuple[Registry, str | None]:
+    """A registry root, or a registry and one of its domains."""
+    text = ref.rstrip("/")
+    registry_root, _, last = text.rpartition("/")
+    if registry_root and is_registry(registry_root):
+        return Registry(registry_root), last
+    if is_registry(text):
+        return Registry(text), None
+    raise ValueError(f"{ref!r} is neither a registry (no _registry.json) nor REGISTRY/DOMAIN")
+
+
+def _row(entry: Any, current: int | None) -> str:
+    scores = entry.doc["scores"]
+    mark = "*" if entry.version == current else " "
+    return (f"{mark} {entry.domain:<20}v{entry.version:<5}{entry.doc['created']:<22}"
+            f"{scores.get('gain_db', float('nan')):>+9.3f}  {'yes' if entry.promoted else 'no':<9}"
+            f"{entry.doc['model']['id']}")
+
+
+HEADER = f"  {'domain':<20}{'ver':<6}{'created':<22}{'gain dB':>9}  {'promoted':<9}model"
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    registry, domain = _split(args.ref)
+    lines = [HEADER]
+    if domain is None:
+        for name in registry.domains():
+            current = registry.current(name)
+            latest = registry.versions(name)[-1]
+            shown = current or latest
+            lines.append(_row(shown, current.version if current else None)
+                         + ("" if shown is latest else f"  (latest v{latest.version})"))
+    else:
+        entries = registry.versions(domain)
+        if not entries:
+            raise EntryNotFoundError(f"no domain {domain!r} in {registry.uri}")
+        current = registry.current(domain)
+        lines += [_row(e, current.version if current else None) for e in entries]
+    print("\n".join(lines))
+    print(f"{registry.uri}: * marks the current version (what `enhance --domain` and routing use)")
+    return 0
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    entry = resolve_ref(args.ref)
+    if entry is None:
+        raise ValueError(f"{args.ref!r} is not a registry reference REGISTRY/DOMAIN[/vN]")
+    print(json.dumps(entry.doc, indent=2, sort_keys=True))
+    return 0
+
+
+def _run_set_current(args: argparse.Namespace) -> int:
+    registry_domain, _, version = args.ref.rstrip("/").rpartition("/")
+    registry, domain = _split(registry_domain)
+    if domain is None or not version.startswith("v") or not version[1:].isdigit():
+        raise ValueError(f"expected REGISTRY/DOMAIN/vN, got {args.ref!r}")
+    before = registry.current(domain)
+    entry = registry.set_current(domain, int(version[1:]))
+    print(f"{registry.uri}/{domain}: current v{before.version if before else '-'} -> v{entry.version} "
+          f"({entry.doc['model']['id']})")
+    return 0
