@@ -311,10 +311,10 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scale", type=int, help="must match the source model's scale")
     p.add_argument("--out", required=True, help="model registry (folder or s3:// prefix)")
     p.add_argument("--candidate", action="append", type=_scope_at_lr, metavar="SCOPE@LR",
-                   help="a (scope, learning rate) to try, e.g. adaptive+bias@2e-3 or all@3e-4 (repeat); "
-                        "the best on held-out exemplars wins (default: adaptive+bias@1e-3, all@2e-4, all@5e-4)")
+                   help="a (scope, learning rate) to probe, e.g. adaptive+bias@2e-3 or all@3e-4 (repeat); "
+                        "the best on the held-out exemplars is trained on (default: all@3e-4, all@1e-3)")
     p.add_argument("--budget-seconds", type=float, default=270.0,
-                   help="time for choosing learning rate and steps, per domain")
+                   help="time per domain, probing the candidates and training the best (default 270)")
     p.add_argument("--cpus-per-domain", type=float, default=2.0)
     p.add_argument("--gpus-per-domain", type=float, default=0.0)
     p.add_argument("--routing-encoder", default="color-stats",

@@ -1,6 +1,7 @@
 """Few-shot adaptation: parallel domains on a local Ray, failures isolated, results in the registry."""
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import numpy as np
@@ -14,7 +15,7 @@ from clipsr.adapt.spec import DomainSpec
 from clipsr.factory import create_model, load_checkpoint, save_checkpoint
 from clipsr.models.checkpoint import CheckpointError
 
-SETTINGS = AdaptSettings(candidates=(("adaptive+bias", 1e-3),), max_steps=4, eval_every=2, batch=2, lr_patch=12, holdout=1,
+SETTINGS = AdaptSettings(candidates=(("adaptive+bias", 1e-3),), max_steps=4, chunk=2, batch=2, lr_patch=12, holdout=1,
                          budget_seconds=60)
 
 
@@ -48,7 +49,9 @@ def test_adapt_domain_stores_only_what_changed(source, tmp_path):
     model, meta = load_checkpoint(source)
     shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(4)]
     result = adapt_domain(model, meta, shots, SETTINGS)
-    assert result.steps in (0, 2, 4) and result.curve["adaptive+bias@0.001"]
+    # 4 probe steps (max_steps), then 4 more on all shots if the probe beat the source model
+    assert [step for step, _ in result.curve["adaptive+bias@0.001"]] == [4]
+    assert (result.steps, result.probe_steps) == ((8, 4) if result.gain_db > 0 else (0, 0))
     changed = {k for k, v in result.model.state_dict().items() if not torch.equal(v, model.state_dict()[k])}
     assert changed <= set(model.adaptation_names("adaptive+bias"))
     with pytest.raises(ValueError, match="smaller than one"):
@@ -141,6 +144,24 @@ def test_an_adapted_domain_is_evaluated_and_routed_by_reference(source, tmp_path
     router = build_router(resolve_model(source, 2), registry=registry, domain="maps")
     route = router.route("any/key.png")
     assert (route.domain, route.model.version, route.model.id) == ("maps", f"v{row['version']}", row["model_id"])
+
+
+def test_the_candidate_best_on_heldout_shots_is_trained_on_and_a_harmful_one_never_is(source):
+    model, meta = load_checkpoint(source)
+    shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(4)]
+    harmful, sane = ("all", 5.0), ("all", 1e-3)
+    s = dataclasses.replace(SETTINGS, candidates=(harmful, sane), max_steps=100_000, budget_seconds=3.0)
+    result = adapt_domain(model, meta, shots, s)
+    assert set(result.curve) == {"all@5", "all@0.001"}
+    assert result.curve["all@5"][0][1] < result.heldout_before  # the probe saw it wreck the model
+    # an untrained source model: the sane candidate beats it, and goes on training
+    assert result.gain_db > 0 and (result.scope, result.lr) == sane
+    assert result.steps > result.probe_steps > 0
+    assert result.seconds < s.budget_seconds + 2.0  # the budget bounds probing and training together
+
+    only_harmful = adapt_domain(model, meta, shots, dataclasses.replace(s, candidates=(harmful,)))
+    assert (only_harmful.steps, only_harmful.gain_db) == (0, 0.0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in only_harmful.model.state_dict().items())
 
 
 def test_plain_finetuning_baseline_changes_every_weight_within_its_time(source):

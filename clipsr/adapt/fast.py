@@ -1,20 +1,28 @@
 """Adapting a source model to one domain from a few HR exemplars ("shots").
 
-Candidates are (scope, learning rate) pairs. The ``adaptive+bias`` scope changes only the
-domain-adaptive module and the biases (the set the source model rehearsed in its meta-learning
-episodes), so its result is a small delta on the shared source; the ``all`` scope fine-tunes every
-weight. Scope, learning rate and step count are chosen without evaluation images: the last shots
-(in sorted order) are held out, a trajectory per candidate is scored on them every few steps
-within an equal share of the time budget, and the best (scope, learning rate, steps) is then
-trained on all the shots. The held-out scores of the selection run are the honest estimate of
-the gain, and decide promotion.
+Within a time budget, in two phases:
+
+1. **Probe.** Each candidate (scope, learning rate) trains its own copy of the source model on all
+   shots but the last ``holdout`` (in sorted order) for an equal share of ``probe_fraction`` of the
+   budget, and is scored on the held-out shots. The best candidate wins if it beats the source
+   model there; otherwise the source model is kept (0 steps, not promoted).
+2. **Continue.** The winner's trajectory (weights and optimiser state) goes on over *all* the
+   shots for the rest of the budget, its learning rate decayed along a cosine to
+   ``final_lr_ratio`` of the start: nothing trained in the probe is thrown away, and the last steps
+   are small.
+
+The held-out score of the winner in phase 1 (taken before phase 2 sees the held-out shots) is the
+honest estimate of the gain, and decides promotion. Scope ``adaptive+bias`` changes only the
+domain-adaptive module and the biases (a small delta on the shared source model); ``all`` tunes
+every weight.
 """
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,22 +34,23 @@ from clipsr.models.cdasr import CDASR
 from clipsr.train.data import PatchSampler, TrainImage
 from clipsr.train.episodes import inner_loop
 
-
-#: Measured on the bundled x4 model (docs/benchmarks.md): on a CPU budget the bias-only scope
-#: moves little, so full fine-tuning at two learning rates is among the candidates.
-DEFAULT_CANDIDATES: tuple[tuple[str, float], ...] = (("adaptive+bias", 1e-3), ("all", 2e-4), ("all", 5e-4))
+#: Measured on the bundled x4 model (docs/benchmarks.md): on a CPU budget the adaptive+bias scope
+#: barely moves the held-out score, so the candidates tune every weight at two learning rates.
+DEFAULT_CANDIDATES: tuple[tuple[str, float], ...] = (("all", 3e-4), ("all", 1e-3))
 
 
 @dataclass
 class AdaptSettings:
     candidates: tuple[tuple[str, float], ...] = DEFAULT_CANDIDATES
-    max_steps: int = 400  # in practice the time budget stops a candidate first
-    eval_every: int = 25
+    budget_seconds: float = 270.0
+    probe_fraction: float = 0.25  # of the budget, shared by the candidates
+    final_lr_ratio: float = 0.05  # the continuation decays the learning rate to this fraction
+    chunk: int = 10  # steps between looks at the clock
+    max_steps: int = 100_000  # a cap on each phase (tests use small ones); the budget binds first
     batch: int = 12
     lr_patch: int = 48
     holdout: int = 2
     seed: int = 0
-    budget_seconds: float = 270.0
 
 
 @dataclass
@@ -49,9 +58,10 @@ class AdaptResult:
     model: CDASR
     scope: str
     lr: float
-    steps: int
+    steps: int  # probe + continuation steps of the chosen candidate (0: the source model kept)
+    probe_steps: int
     heldout_before: float
-    heldout_after: float
+    heldout_after: float  # the chosen candidate's held-out score at the end of the probe
     curve: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -66,40 +76,49 @@ def heldout_psnr(model: CDASR, meta: dict[str, Any], images: list[np.ndarray], s
     return float(np.mean([score_image(up, hr, scale)["psnr_y"] for hr in images]))
 
 
-def _batches(sampler: PatchSampler, batch: int, steps: int):
-    for _ in range(steps):
-        lr_img, hr_img, _ = sampler.sample(batch)
-        yield lr_img, hr_img, None
+class Trajectory:
+    """A copy of the source model being tuned: its parameters in ``scope``, their Adam state, and
+    the shots it samples patches from (which can be widened to all shots part-way)."""
 
+    def __init__(self, source: CDASR, scope: str, lr: float, shots: list[np.ndarray], s: AdaptSettings) -> None:
+        self.model = copy.deepcopy(source).train()
+        self.scope, self.lr, self.s = scope, lr, s
+        self.params = self.model.adaptation_parameters(scope)
+        self.opt = torch.optim.Adam(self.params, lr=lr)
+        self.steps = 0
+        self.train_seconds = 0.0
+        self.use(shots)
 
-def _run(
-    source: CDASR, scope: str, shots: list[np.ndarray], lr: float, steps: int, s: AdaptSettings,
-    on_checkpoint: Callable[[int, CDASR], None] | None = None,
-) -> CDASR:
-    """A copy of ``source`` after ``steps`` steps on ``shots`` (``on_checkpoint`` may stop it early)."""
-    model = copy.deepcopy(source)
-    _run_into(model, scope, shots, lr, steps, s, on_checkpoint)
-    return model.eval()
+    def use(self, shots: list[np.ndarray]) -> None:
+        self.sampler = PatchSampler([TrainImage(str(i), 0, img) for i, img in enumerate(shots)],
+                                    self.model.scale, self.s.lr_patch, seed=self.s.seed + self.steps)
 
+    def step(self, lr: float) -> None:
+        started = time.perf_counter()
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        lr_img, hr_img, _ = self.sampler.sample(self.s.batch)
+        inner_loop(self.model, self.params, [(lr_img, hr_img, None)], lr, F.l1_loss, optimizer=self.opt)
+        self.steps += 1
+        self.train_seconds += time.perf_counter() - started
 
-def _run_into(
-    model: CDASR, scope: str, shots: list[np.ndarray], lr: float, steps: int, s: AdaptSettings,
-    on_checkpoint: Callable[[int, CDASR], None] | None = None,
-) -> None:
-    model.train()
-    params = model.adaptation_parameters(scope)
-    sampler = PatchSampler([TrainImage(str(i), 0, img) for i, img in enumerate(shots)],
-                           model.scale, s.lr_patch, seed=s.seed)
-    every = s.eval_every if on_checkpoint else steps
-    # one optimiser across chunks: Adam's moments carry over between evaluation points
-    opt = torch.optim.Adam(params, lr=lr)
-    done = 0
-    while done < steps:
-        n = min(every, steps - done)
-        inner_loop(model, params, _batches(sampler, s.batch, n), lr, F.l1_loss, optimizer=opt)
-        done += n
-        if on_checkpoint:
-            on_checkpoint(done, model)
+    def run_for(self, seconds: float, max_steps: int) -> None:
+        """Constant-lr steps until ``seconds`` have passed (checked every ``chunk`` steps)."""
+        started = time.perf_counter()
+        done = 0
+        while done < max_steps and time.perf_counter() - started < seconds:
+            for _ in range(min(self.s.chunk, max_steps - done)):
+                self.step(self.lr)
+                done += 1
+
+    def decay(self, steps: int) -> None:
+        """``steps`` steps with the learning rate on a cosine from ``lr`` to ``final_lr_ratio * lr``."""
+        low = self.lr * self.s.final_lr_ratio
+        for i in range(steps):
+            self.step(low + 0.5 * (self.lr - low) * (1 + math.cos(math.pi * i / steps)))
+
+    def seconds_per_step(self) -> float:
+        return self.train_seconds / max(self.steps, 1)
 
 
 def adapt_domain(source: CDASR, meta: dict[str, Any], shots: list[np.ndarray], s: AdaptSettings) -> AdaptResult:
@@ -113,51 +132,34 @@ def adapt_domain(source: CDASR, meta: dict[str, Any], shots: list[np.ndarray], s
         raise ValueError(f"exemplars {small} are smaller than one {min_side}px training patch")
     torch.manual_seed(s.seed)
     fit, held = shots[: -s.holdout], shots[-s.holdout :]
-    scale = source.scale
-    before = heldout_psnr(source, meta, held, scale)
+    before = heldout_psnr(source, meta, held, source.scale)
 
     curve: dict[str, list[tuple[int, float]]] = {}
-    # (held-out PSNR, scope, lr, steps); 0 steps = the source model itself
-    best: tuple[float, str, float, int] = (before, s.candidates[0][0], 0.0, 0)
-    per_candidate = s.budget_seconds * 0.6 / len(s.candidates)
+    best: tuple[float, Trajectory] | None = None
+    share = s.budget_seconds * s.probe_fraction / len(s.candidates)
     for scope, lr in s.candidates:
-        started = time.perf_counter()
-        points: list[tuple[int, float]] = []
+        trajectory = Trajectory(source, scope, lr, fit, s)
+        trajectory.run_for(share, s.max_steps)
+        score = heldout_psnr(trajectory.model, meta, held, source.scale)
+        curve[f"{scope}@{lr:g}"] = [(trajectory.steps, score)]
+        if score > before and (best is None or score > best[0]):
+            best = (score, trajectory)
+    if best is None:
+        return AdaptResult(copy.deepcopy(source).eval(), s.candidates[0][0], 0.0, 0, 0, before, before,
+                           curve, time.perf_counter() - t0)
 
-        def score(step: int, model: CDASR, points: list = points, started: float = started) -> None:
-            points.append((step, heldout_psnr(model, meta, held, scale)))
-            if time.perf_counter() - started > per_candidate:
-                raise _Budget()
-
-        try:
-            _run(source, scope, fit, lr, s.max_steps, s, on_checkpoint=score)
-        except _Budget:
-            pass
-        curve[f"{scope}@{lr:g}"] = points
-        for step, psnr in points:
-            if psnr > best[0]:
-                best = (psnr, scope, lr, step)
-
-    after, scope, lr, steps = best
-    model = _run(source, scope, shots, lr, steps, s) if steps > 0 else copy.deepcopy(source).eval()
-    return AdaptResult(model, scope, lr, steps, before, after, curve, time.perf_counter() - t0)
+    score, chosen = best
+    probe_steps = chosen.steps
+    left = s.budget_seconds - (time.perf_counter() - t0)
+    steps = min(s.max_steps, max(0, int(left / chosen.seconds_per_step())))
+    chosen.use(shots)
+    chosen.decay(steps)
+    return AdaptResult(chosen.model.eval(), chosen.scope, chosen.lr, chosen.steps, probe_steps, before, score,
+                       curve, time.perf_counter() - t0)
 
 
 def plain_finetune(source: CDASR, shots: list[np.ndarray], lr: float, seconds: float, s: AdaptSettings) -> CDASR:
     """The baseline: every weight, one fixed learning rate, all shots, for ``seconds`` (no selection)."""
-    started = time.perf_counter()
-
-    def stop(step: int, model: CDASR) -> None:
-        if time.perf_counter() - started > seconds:
-            raise _Budget()
-
-    model = copy.deepcopy(source)
-    try:
-        _run_into(model, "all", shots, lr, 100_000, s, stop)
-    except _Budget:
-        pass
-    return model.eval()
-
-
-class _Budget(Exception):
-    """Internal: a candidate's time budget ran out; its scored points so far still count."""
+    trajectory = Trajectory(source, "all", lr, shots, s)
+    trajectory.run_for(seconds, s.max_steps)
+    return trajectory.model.eval()

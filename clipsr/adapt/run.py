@@ -78,7 +78,7 @@ def adapt_one(
             "gain_db": result.gain_db, "heldout_shots": settings.holdout, "selection_curve": result.curve,
         }
         chosen = {"scope": result.scope, "lr": result.lr, "steps": result.steps,
-                  "selection": dataclasses.asdict(settings)}
+                  "probe_steps": result.probe_steps, "selection": dataclasses.asdict(settings)}
         data, meta = encode_checkpoint(
             result.model, smeta["arch"]["name"], clip_encoder=smeta["clip_encoder"],
             training_data={"domain": spec.name, "exemplars": exemplars},
