@@ -5,6 +5,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from clipsr import storage
@@ -103,6 +104,19 @@ def test_rerunning_a_finished_run_keeps_its_checkpoints(ray_local, tmp_path, hr_
     assert len(before) == 2 and after == before  # resumed at the end: nothing retrained, nothing lost
     assert second["weights_sha256"] == first["weights_sha256"]
     assert second["training_data"]["attempt_start_steps"] == [0]
+
+    # exporting again as float16 (how the bundled model ships): half the bytes, same outputs
+    size32 = len(storage.read_bytes(first["uri"]))
+    model32, _ = load_checkpoint(first["uri"])
+    half = pretrain({**s, "export": {"dtype": "float16", "note": "generated test images"}})
+    model16, meta16 = load_checkpoint(half["uri"])
+    assert len(storage.read_bytes(half["uri"])) < 0.6 * size32
+    assert meta16["training_data"]["note"] == "generated test images"
+    assert meta16["training_data"]["storage"].startswith("float16")
+    x = torch.rand(1, 3, 16, 16)
+    with torch.no_grad():
+        assert next(model16.parameters()).dtype == torch.float32
+        assert torch.allclose(model16(x), model32(x), atol=2e-3)
 
 
 def test_settings_are_validated_and_overridable(tmp_path):

@@ -49,6 +49,8 @@ def export_model(s: dict[str, Any], checkpoint, metrics: dict[str, Any]) -> dict
         state = torch.load(os.path.join(d, STATE_FILE), map_location="cpu", weights_only=True)
     model = create_model(s["model"]["arch"], s["model"]["scale"])
     model.load_state_dict(state["ema"]["module"])
+    if s["export"]["dtype"] == "float16":
+        model = model.half()  # stored as float16; loading computes in float32
     parent = None
     if s["model"]["init_from"]:
         _, pmeta = load_checkpoint(s["model"]["init_from"])
@@ -62,6 +64,7 @@ def export_model(s: dict[str, Any], checkpoint, metrics: dict[str, Any]) -> dict
     training_data = {
         "roots": s["data"]["train"], "images": len(uris), "steps": int(state["step"]),
         "attempt_start_steps": [int(x) for x in state["starts"]],
+        "storage": f"{s['export']['dtype']} weights, computed in float32", "note": s["export"]["note"],
     }
     out = storage.join(run_dir(s), "model.safetensors")
     meta = save_checkpoint(
