@@ -30,6 +30,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _usage_errors_exit_1(p: argparse.ArgumentParser) -> None:
+    """For jobs whose exit status 2 means "finished, some items failed": argparse's usage errors
+    (also 2 by default) then exit 1, "could not run", so an operator never confuses the two."""
+
+    def usage_error(message: str) -> None:
+        p.print_usage(sys.stderr)
+        p.exit(1, f"{p.prog}: error: {message}\n")
+
+    p.error = usage_error
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "evaluate",
@@ -268,12 +279,7 @@ def _add_enhance(sub: argparse._SubParsersAction) -> None:
                     "--max-failed-fraction; 2: finished above it; 1: could not complete.",
     )
     add_arguments(p)
-
-    def usage_error(message: str) -> None:  # argparse exits 2, which here means "finished, too many failed"
-        p.print_usage(sys.stderr)
-        p.exit(1, f"clipsr enhance: error: {message}\n")
-
-    p.error = usage_error
+    _usage_errors_exit_1(p)
     p.set_defaults(func=_run_enhance)
 
 
@@ -301,7 +307,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "adapt",
         help="adapt a source model to new domains from a few HR exemplars each, in parallel",
-        description="Few-shot adaptation; each domain becomes a new version in the registry at --out.",
+        description="Few-shot adaptation; each domain becomes a new version in the registry at --out. "
+                    "Exit 0: every domain published; 2: some domain failed (see the report); 1: could not run.",
     )
     p.add_argument("--source-model", default="default", help="model spec to adapt (default: the bundled model)")
     p.add_argument("--domain", action="append", default=[], metavar="NAME=DIR_OR_URI",
@@ -322,6 +329,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--routing-encoder-weights", help="weights file/URI for a CLIP routing encoder")
     p.add_argument("--report", help="report path/URI without extension (default REGISTRY/_reports/<time>)")
     p.add_argument("--seed", type=int, default=0)
+    _usage_errors_exit_1(p)
     p.set_defaults(func=_run_adapt)
 
 

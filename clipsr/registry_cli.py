@@ -59,7 +59,7 @@ def _run_list(args: argparse.Namespace) -> int:
             latest = registry.versions(name)[-1]
             shown = current or latest
             lines.append(_row(shown, current.version if current else None)
-                         + ("" if shown is latest else f"  (latest v{latest.version})"))
+                         + ("" if shown.version == latest.version else f"  (latest v{latest.version})"))
     else:
         entries = registry.versions(domain)
         if not entries:

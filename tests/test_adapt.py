@@ -183,6 +183,12 @@ def test_adapt_command_line_validates_candidates():
     for bad in ("all", "everything@1e-3", "all@-1", "all@x"):
         with pytest.raises(argparse.ArgumentTypeError, match="SCOPE@LR"):
             _scope_at_lr(bad)
+    # exit 2 means "some domain failed": a usage error must not look like that
+    from clipsr.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["adapt", "--out", "registry", "--candidate", "all"])
+    assert exc.value.code == 1
 
 
 @pytest.mark.slow

@@ -299,13 +299,15 @@ def test_registry_command_lists_shows_and_rolls_back(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     manga = next(line for line in lines if " manga " in line)
     urban = next(line for line in lines if " urban " in line)
-    assert manga.startswith("*") and "v2" in manga and "+0.300" in manga
+    assert manga.startswith("*") and "v2" in manga and "+0.300" in manga and "latest" not in manga
     assert not urban.startswith("*") and "v1" in urban and " no " in urban  # never promoted
 
     assert main(["registry", "set-current", f"{reg.uri}/manga/v1"]) == 0
     assert "current v2 -> v1" in capsys.readouterr().out
     assert Registry(reg.uri).current("manga").version == 1
 
+    assert main(["registry", "list", reg.uri]) == 0
+    assert "(latest v2)" in next(line for line in capsys.readouterr().out.splitlines() if " manga " in line)
     assert main(["registry", "list", f"{reg.uri}/manga"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if " manga " in line]
     assert [row.startswith("*") for row in rows] == [True, False]
