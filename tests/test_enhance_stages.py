@@ -218,6 +218,11 @@ def test_route_maps_are_validated(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(ValueError, match="mapping of key prefix"):
         load_route_map(str(bad))
+    bad.write_text('{"scans/": "no spaces allowed"}')
+    with pytest.raises(ValueError, match="route-map.*does not match"):
+        load_route_map(str(bad))
+    bad.write_text("scans/1890/: newspapers\ncomics/: manga\n")
+    assert load_route_map(str(bad)) == {"scans/1890/": "newspapers", "comics/": "manga"}
 
 
 def test_models_are_identified_from_the_checkpoint_header(tiny):

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from clipsr import storage
-from clipsr.config import parse_document
+from clipsr.config import ConfigError, parse_document, validate
 
 DEFAULT_DOMAIN = "default"
 
@@ -186,11 +186,13 @@ def load_route_map(uri: str) -> dict[str, str]:
     doc = parse_document(storage.read_bytes(uri))
     if not isinstance(doc, dict) or not doc:
         raise ValueError(f"route map {uri}: expected a non-empty mapping of key prefix -> domain")
-    for prefix, domain in doc.items():
-        if not isinstance(prefix, str) or not isinstance(domain, str) or not domain:
-            raise ValueError(f"route map {uri}: {prefix!r}: {domain!r}: prefixes and domains must be strings")
-        if prefix.startswith("/"):
+    for prefix in doc:
+        if isinstance(prefix, str) and prefix.startswith("/"):
             raise ValueError(f"route map {uri}: prefix {prefix!r} must be relative to --input")
+    try:
+        validate(doc, "route-map")
+    except ConfigError as e:
+        raise ValueError(f"route map {uri}: {e} (schemas/route-map.schema.json)") from None
     return dict(doc)
 
 
