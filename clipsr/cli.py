@@ -219,8 +219,9 @@ def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
     q.add_argument("--source-model", default="default")
     q.add_argument("--data", type=_name_eq_uri, action="append", required=True, metavar="NAME=DIR")
     q.add_argument("--shots", type=_positive_int, default=10)
-    q.add_argument("--budget-seconds", type=float, default=270.0, help="adaptation's selection budget")
-    q.add_argument("--finetune-lr", type=float, default=3e-4, help="learning rate of the plain fine-tuning baseline")
+    q.add_argument("--budget-seconds", type=float, default=270.0, help="adaptation's time budget per domain")
+    q.add_argument("--finetune-lr", type=float, default=3e-4,
+                   help="learning rate of the plain fine-tuning baseline (0: leave the baseline out)")
     q.add_argument("--threads", type=_positive_int, default=2)
     q.add_argument("--out", default="docs/bench/adapt.json")
     q.set_defaults(func=_run_bench_adapt)

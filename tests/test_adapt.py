@@ -231,3 +231,19 @@ def test_enhance_routes_each_image_to_the_nearest_domain(ray_local, source, tmp_
     _, strict = run(0.999999)
     for r in strict.values():
         assert (r["status"], r["domain"], r["model_version"]) == ("ok", "default", None)
+
+
+def test_adaptation_bench_scores_unseen_images_with_and_without_the_baseline(source, tmp_path):
+    from clipsr.bench.adapt import bench_adaptation
+
+    folder = tmp_path / "photos"
+    for i in range(5):  # 3 shots (1 held out), 2 unseen images to score
+        storage.write_bytes_atomic(str(folder / f"{i:02d}.png"), _png(i, size=104))
+    out = bench_adaptation(source, {"photos": str(folder)}, shots=3, budget_seconds=2.0, finetune_lr=1e-3,
+                           threads=1)
+    row = out["domains"]["photos"]
+    assert row["adapted"]["gain_db"] == pytest.approx(row["adapted"]["psnr_y"] - row["source_psnr_y"])
+    assert row["finetuned"]["seconds"] == pytest.approx(row["adapted"]["seconds"], abs=1.5)
+    no_baseline = bench_adaptation(source, {"photos": str(folder)}, 3, 2.0, finetune_lr=0, threads=1)
+    assert "finetuned" not in no_baseline["domains"]["photos"]
+    assert no_baseline["domains"]["photos"]["source_psnr_y"] == row["source_psnr_y"]

@@ -50,6 +50,14 @@ def bench_adaptation(
             print(f"[{name}] adapted: {adapted:.3f} dB ({adapted - base:+.3f}), {row['scope']} "
                   f"{row['steps']} steps at lr {row['lr']:g}, {row['seconds']:.0f} s", flush=True)
 
+            out["domains"][name] = {
+                "source_psnr_y": base,
+                "adapted": {"psnr_y": adapted, "gain_db": adapted - base, "seconds": row["seconds"],
+                            "scope": row["scope"], "lr": row["lr"], "steps": row["steps"],
+                            "heldout_gain_db": row["gain_db"], "promoted": row["promoted"]},
+            }
+            if finetune_lr <= 0:
+                continue
             imgs, _ = read_shots(storage.list_images(folder)[:shots])
             t0 = time.perf_counter()
             tuned = plain_finetune(src_model, imgs, finetune_lr, row["seconds"], settings)
@@ -57,11 +65,5 @@ def bench_adaptation(
             fine = _score(NetworkUpscaler(tuned, {**src_meta, "id": "fine-tuned"}), name, folder, shots)
             print(f"[{name}] plain fine-tuning: {fine:.3f} dB ({fine - base:+.3f}), {tuned_seconds:.0f} s",
                   flush=True)
-            out["domains"][name] = {
-                "source_psnr_y": base,
-                "adapted": {"psnr_y": adapted, "gain_db": adapted - base, "seconds": row["seconds"],
-                            "scope": row["scope"], "lr": row["lr"], "steps": row["steps"],
-                            "heldout_gain_db": row["gain_db"], "promoted": row["promoted"]},
-                "finetuned": {"psnr_y": fine, "gain_db": fine - base, "seconds": tuned_seconds},
-            }
+            out["domains"][name]["finetuned"] = {"psnr_y": fine, "gain_db": fine - base, "seconds": tuned_seconds}
     return out
