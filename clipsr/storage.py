@@ -372,6 +372,16 @@ def delete(uri: str) -> None:
         retry(lambda: fs.rm_file(path))
 
 
+def remove_empty_folders(uri: str) -> None:
+    """Remove the empty folders at and below ``uri`` on a local disk, which keeps folders after
+    their files are deleted; object stores have no folders, so nothing to do there."""
+    if _protocol(uri) not in _LOCAL_PROTOCOLS:
+        return
+    for folder, _, _ in os.walk(_local_path(uri), topdown=False):
+        with contextlib.suppress(OSError):  # not empty: still in use
+            os.rmdir(folder)
+
+
 def content_hash(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 

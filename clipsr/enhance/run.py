@@ -165,6 +165,7 @@ def _run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int, lo
             db.close()
     for info in _iter_or_empty(layout.plan):
         storage.delete(info.uri)
+    storage.remove_empty_folders(layout.runs)
     return _finish(opts, layout, counts.listed, totals)
 
 
