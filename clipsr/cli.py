@@ -9,6 +9,7 @@ import sys
 from typing import Any, Sequence
 
 from clipsr import registry_cli
+from clipsr.adapt.settings import AdaptSettings
 
 log = logging.getLogger("clipsr")
 
@@ -220,6 +221,8 @@ def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
     q.add_argument("--data", type=_name_eq_uri, action="append", required=True, metavar="NAME=DIR")
     q.add_argument("--shots", type=_positive_int, default=10)
     q.add_argument("--budget-seconds", type=float, default=270.0, help="adaptation's time budget per domain")
+    q.add_argument("--patch-tries", type=_positive_int, default=AdaptSettings.patch_tries,
+                   help="adaptation: each patch the most textured of this many positions")
     q.add_argument("--finetune-lr", type=float, default=3e-4,
                    help="learning rate of the plain fine-tuning baseline (0: leave the baseline out)")
     q.add_argument("--threads", type=_positive_int, default=2)
@@ -232,7 +235,7 @@ def _run_bench_adapt(args: argparse.Namespace) -> int:
     from clipsr.bench.adapt import bench_adaptation
 
     result = bench_adaptation(args.source_model, {k: storage.absolute(v) for k, v in args.data}, args.shots,
-                              args.budget_seconds, args.finetune_lr, args.threads)
+                              args.budget_seconds, args.finetune_lr, args.threads, patch_tries=args.patch_tries)
     storage.write_bytes_atomic(args.out, json.dumps(result, indent=2).encode())
     print(f"written to {args.out}")
     return 0
@@ -323,6 +326,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
                         "the best on the held-out exemplars is trained on (default: all@3e-4, all@1e-3)")
     p.add_argument("--budget-seconds", type=float, default=270.0,
                    help="time per domain, probing the candidates and training the best (default 270)")
+    p.add_argument("--patch-tries", type=_positive_int, default=AdaptSettings.patch_tries,
+                   help="each training patch is the most textured of this many random positions")
     p.add_argument("--cpus-per-domain", type=float, default=2.0)
     p.add_argument("--gpus-per-domain", type=float, default=0.0)
     p.add_argument("--routing-encoder", default="color-stats",
@@ -336,8 +341,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 
 def _run_adapt(args: argparse.Namespace) -> int:
     from clipsr import storage
-    from clipsr.adapt.fast import AdaptSettings
     from clipsr.adapt.run import adapt_many, format_report, write_report
+    from clipsr.adapt.settings import AdaptSettings
     from clipsr.adapt.spec import DomainSpec, load_specs
     from clipsr.provenance import utc_now
     from clipsr.ray_runtime import init_ray
@@ -347,7 +352,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
         specs += load_specs(args.spec)
     if not specs:
         raise ValueError("give at least one --domain NAME=DIR or a --spec file")
-    settings = AdaptSettings(budget_seconds=args.budget_seconds, seed=args.seed)
+    settings = AdaptSettings(budget_seconds=args.budget_seconds, seed=args.seed, patch_tries=args.patch_tries)
     if args.candidate:
         settings = dataclasses.replace(settings, candidates=tuple(args.candidate))
     encoder = {"arch": args.routing_encoder, "weights": args.routing_encoder_weights, "seed": 0}

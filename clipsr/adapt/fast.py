@@ -19,6 +19,7 @@ every weight.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -28,29 +29,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from clipsr.adapt.settings import AdaptSettings
 from clipsr.evaluate import score_image
 from clipsr.inference import NetworkUpscaler
 from clipsr.models.cdasr import CDASR
 from clipsr.train.data import PatchSampler, TrainImage
 from clipsr.train.episodes import inner_loop
-
-#: Measured on the bundled x4 model (docs/benchmarks.md): on a CPU budget the adaptive+bias scope
-#: barely moves the held-out score, so the candidates tune every weight at two learning rates.
-DEFAULT_CANDIDATES: tuple[tuple[str, float], ...] = (("all", 3e-4), ("all", 1e-3))
-
-
-@dataclass
-class AdaptSettings:
-    candidates: tuple[tuple[str, float], ...] = DEFAULT_CANDIDATES
-    budget_seconds: float = 270.0
-    probe_fraction: float = 0.25  # of the budget, shared by the candidates
-    final_lr_ratio: float = 0.05  # the continuation decays the learning rate to this fraction
-    chunk: int = 10  # steps between looks at the clock
-    max_steps: int = 100_000  # a cap on each phase (tests use small ones); the budget binds first
-    batch: int = 12
-    lr_patch: int = 48
-    holdout: int = 2
-    seed: int = 0
 
 
 @dataclass
@@ -91,7 +75,8 @@ class Trajectory:
 
     def use(self, shots: list[np.ndarray]) -> None:
         self.sampler = PatchSampler([TrainImage(str(i), 0, img) for i, img in enumerate(shots)],
-                                    self.model.scale, self.s.lr_patch, seed=self.s.seed + self.steps)
+                                    self.model.scale, self.s.lr_patch, seed=self.s.seed + self.steps,
+                                    tries=self.s.patch_tries)
 
     def step(self, lr: float) -> None:
         started = time.perf_counter()
@@ -160,6 +145,6 @@ def adapt_domain(source: CDASR, meta: dict[str, Any], shots: list[np.ndarray], s
 
 def plain_finetune(source: CDASR, shots: list[np.ndarray], lr: float, seconds: float, s: AdaptSettings) -> CDASR:
     """The baseline: every weight, one fixed learning rate, all shots, for ``seconds`` (no selection)."""
-    trajectory = Trajectory(source, "all", lr, shots, s)
+    trajectory = Trajectory(source, "all", lr, shots, dataclasses.replace(s, patch_tries=1))
     trajectory.run_for(seconds, s.max_steps)
     return trajectory.model.eval()

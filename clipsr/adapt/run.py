@@ -19,7 +19,8 @@ import numpy as np
 import torch
 
 from clipsr import imaging, storage
-from clipsr.adapt.fast import AdaptSettings, adapt_domain
+from clipsr.adapt.fast import adapt_domain
+from clipsr.adapt.settings import AdaptSettings
 from clipsr.adapt.spec import DomainSpec
 from clipsr.factory import encode_checkpoint, load_checkpoint
 from clipsr.provenance import code_revision, utc_now

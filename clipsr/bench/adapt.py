@@ -15,8 +15,9 @@ from typing import Any
 import torch
 
 from clipsr import storage
-from clipsr.adapt.fast import AdaptSettings, plain_finetune
+from clipsr.adapt.fast import plain_finetune
 from clipsr.adapt.run import adapt_one, read_shots
+from clipsr.adapt.settings import AdaptSettings
 from clipsr.adapt.spec import DomainSpec
 from clipsr.bench.inference import environment
 from clipsr.evaluate import evaluate
@@ -30,13 +31,13 @@ def _score(upscaler: Any, name: str, folder: str, shots: int) -> float:
 
 def bench_adaptation(
     source: str, domains: dict[str, str], shots: int, budget_seconds: float, finetune_lr: float,
-    threads: int, seed: int = 0,
+    threads: int, seed: int = 0, patch_tries: int = AdaptSettings.patch_tries,
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    settings = AdaptSettings(budget_seconds=budget_seconds, seed=seed)
+    settings = AdaptSettings(budget_seconds=budget_seconds, seed=seed, patch_tries=patch_tries)
     out: dict[str, Any] = {"environment": environment(), "source": source, "shots": shots,
                            "budget_seconds": budget_seconds, "candidates": settings.candidates,
-                           "finetune_lr": finetune_lr, "domains": {}}
+                           "finetune_lr": finetune_lr, "patch_tries": patch_tries, "domains": {}}
     src_model, src_meta = load_checkpoint(source)
     with tempfile.TemporaryDirectory() as registry:
         for name, folder in domains.items():
