@@ -10,6 +10,8 @@ DEFAULT_CANDIDATES: tuple[tuple[str, float], ...] = (("all", 3e-4), ("all", 1e-3
 
 @dataclass
 class AdaptSettings:
+    """How one domain is adapted (see clipsr.adapt.fast); recorded in each registry entry."""
+
     candidates: tuple[tuple[str, float], ...] = DEFAULT_CANDIDATES
     budget_seconds: float = 270.0
     probe_fraction: float = 0.25  # of the budget, shared by the candidates
