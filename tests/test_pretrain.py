@@ -113,6 +113,7 @@ def test_rerunning_a_finished_run_keeps_its_checkpoints(ray_local, tmp_path, hr_
     assert len(storage.read_bytes(half["uri"])) < 0.6 * size32
     assert meta16["training_data"]["note"] == "generated test images"
     assert meta16["training_data"]["storage"].startswith("float16")
+    assert "no semantic prior" in meta16["training_data"]["conditioning"]
     x = torch.rand(1, 3, 16, 16)
     with torch.no_grad():
         assert next(model16.parameters()).dtype == torch.float32

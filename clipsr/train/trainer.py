@@ -65,6 +65,8 @@ def export_model(s: dict[str, Any], checkpoint, metrics: dict[str, Any]) -> dict
         "roots": s["data"]["train"], "images": len(uris), "steps": int(state["step"]),
         "attempt_start_steps": [int(x) for x in state["starts"]],
         "storage": f"{s['export']['dtype']} weights, computed in float32", "note": s["export"]["note"],
+        "conditioning": ("learned null embedding, no CLIP encoder: no semantic prior" if clip is None
+                         else f"CLIP embeddings ({clip['arch']}, weights sha256 {clip.get('sha256')})"),
     }
     out = storage.join(run_dir(s), "model.safetensors")
     meta = save_checkpoint(
