@@ -65,3 +65,16 @@ def ray_local(s3_server):
         yield ray
     finally:
         ray.shutdown()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path):
+    """A seeded, untrained cdasr-tiny x2 checkpoint file: the smallest real model to run."""
+    import torch
+
+    from clipsr.factory import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    uri = str(tmp_path / "tiny-x2.safetensors")
+    save_checkpoint(uri, create_model("cdasr-tiny", 2), "cdasr-tiny")
+    return uri

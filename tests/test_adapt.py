@@ -33,11 +33,8 @@ def _png(seed: int, grey: bool = False, size: int = 40) -> bytes:
 
 
 @pytest.fixture
-def source(tmp_path):
-    torch.manual_seed(0)
-    uri = str(tmp_path / "source.safetensors")
-    save_checkpoint(uri, create_model("cdasr-tiny", 2), "cdasr-tiny")
-    return uri
+def source(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def _domain(root, name: str, n: int = 4, grey: bool = False) -> str:

@@ -3,11 +3,10 @@ import io
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from clipsr.evaluate import evaluate, format_table, select_images
-from clipsr.factory import create_model, load_upscaler, save_checkpoint
+from clipsr.factory import load_upscaler
 from clipsr.inference import BicubicUpscaler
 
 
@@ -27,14 +26,6 @@ def _png(im: Image.Image) -> bytes:
 
 def _names(rows):
     return [r["uri"].rsplit("/", 1)[-1] for r in rows]
-
-
-@pytest.fixture
-def tiny_ckpt(tmp_path):
-    torch.manual_seed(0)
-    uri = str(tmp_path / "tiny-x2.safetensors")
-    save_checkpoint(uri, create_model("cdasr-tiny", 2), "cdasr-tiny")
-    return uri
 
 
 def test_sorted_order_is_byte_order_of_image_files_only(tmp_path):
@@ -96,7 +87,7 @@ def _mode_images(rgb: np.ndarray) -> dict[str, Image.Image]:
 
 
 @pytest.mark.parametrize("model", ["bicubic", "network"])
-def test_every_image_mode_is_evaluated_grey_on_its_one_channel(tmp_path, tiny_ckpt, model):
+def test_every_image_mode_is_evaluated_grey_on_its_one_channel(tmp_path, tiny_checkpoint, model):
     rgb = _rgb(7, 36, 30)
     images = _mode_images(rgb)
     assert images["i16.png"].mode == "I;16" and images["p.png"].mode == "P"
@@ -104,7 +95,7 @@ def test_every_image_mode_is_evaluated_grey_on_its_one_channel(tmp_path, tiny_ck
     folder.mkdir()
     for name, im in images.items():
         (folder / name).write_bytes(_png(im))
-    upscaler = BicubicUpscaler(2) if model == "bicubic" else load_upscaler(tiny_ckpt, 2)
+    upscaler = BicubicUpscaler(2) if model == "bicubic" else load_upscaler(tiny_checkpoint, 2)
     report = evaluate(upscaler, {"modes": str(folder)})
 
     rows = dict(zip(_names(report["images"]), report["images"]))
