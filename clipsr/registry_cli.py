@@ -9,6 +9,7 @@ import argparse
 import json
 from typing import Any
 
+from clipsr import storage
 from clipsr.registry import EntryNotFoundError, Registry, is_registry, resolve_ref
 
 
@@ -80,12 +81,12 @@ def _run_show(args: argparse.Namespace) -> int:
 
 
 def _run_set_current(args: argparse.Namespace) -> int:
-    registry_domain, _, version = args.ref.rstrip("/").rpartition("/")
-    registry, domain = _split(registry_domain)
-    if domain is None or not version.startswith("v") or not version[1:].isdigit():
+    entry = resolve_ref(args.ref)
+    if entry is None or entry.ref != storage.absolute(args.ref).rstrip("/"):  # not REGISTRY/DOMAIN/vN
         raise ValueError(f"expected REGISTRY/DOMAIN/vN, got {args.ref!r}")
-    before = registry.current(domain)
-    entry = registry.set_current(domain, int(version[1:]))
-    print(f"{registry.uri}/{domain}: current v{before.version if before else '-'} -> v{entry.version} "
+    registry = Registry(entry.registry)
+    before = registry.current(entry.domain)
+    registry.set_current(entry.domain, entry.version)
+    print(f"{entry.registry}/{entry.domain}: current v{before.version if before else '-'} -> v{entry.version} "
           f"({entry.doc['model']['id']})")
     return 0

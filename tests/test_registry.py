@@ -315,6 +315,8 @@ def test_registry_command_lists_shows_and_rolls_back(tmp_path, capsys):
     assert main(["registry", "show", f"{reg.uri}/manga"]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == 1
 
+    assert main(["registry", "set-current", f"{reg.uri}/manga"]) == 1  # which version? never guessed
+    assert "expected REGISTRY/DOMAIN/vN" in capsys.readouterr().err
     assert main(["registry", "set-current", f"{reg.uri}/manga/v9"]) == 1
     assert "no version 9" in capsys.readouterr().err
     assert main(["registry", "list", str(tmp_path)]) == 1
