@@ -142,6 +142,14 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     _add_bench_enhance(benches)
     _add_bench_train(benches)
     _add_bench_adapt(benches)
+    q = benches.add_parser(
+        "gpu",
+        help="the CUDA path: fp32/bf16/fp16 inference agreement and speed, adaptation steps (needs a GPU)",
+    )
+    q.add_argument("--model", default="default", help="model spec (default: the bundled x4 model)")
+    q.add_argument("--runs", type=_positive_int, default=10, help="timed runs per figure")
+    q.add_argument("--out", default="docs/bench/gpu.json", help="where to write the JSON (path or URI)")
+    q.set_defaults(func=_run_bench_gpu)
     q = benches.add_parser("curve", help="plot a pretraining run's loss and validation PSNR from its log")
     q.add_argument("--log", required=True, help="the log of a `clipsr pretrain` run")
     q.add_argument("--out", required=True, help="PNG to write")
@@ -199,6 +207,18 @@ def _run_bench_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench_gpu(args: argparse.Namespace) -> int:
+    from clipsr import storage
+    from clipsr.bench.gpu import run
+
+    result = run(args.model, args.runs)
+    storage.write_bytes_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
+    print(json.dumps({k: result[k] for k in ("agreement", "forward_speed", "whole_image_speed", "adaptation_steps")},
+                     indent=1))
+    print(f"{result['environment']['gpu']}, torch {result['environment']['torch']}; results: {args.out}")
+    return 0
+
+
 def _run_bench_curve(args: argparse.Namespace) -> int:
     from clipsr import storage
     from clipsr.bench.curve import parse_log, plot
@@ -223,6 +243,9 @@ def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
     q.add_argument("--budget-seconds", type=float, default=270.0, help="adaptation's time budget per domain")
     q.add_argument("--patch-tries", type=_positive_int, default=AdaptSettings.patch_tries,
                    help="adaptation: each patch the most textured of this many positions")
+    q.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where adaptation and fine-tuning train")
+    q.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=AdaptSettings.precision,
+                   help="training arithmetic of both (auto: bf16 where the hardware has it)")
     q.add_argument("--finetune-lr", type=float, default=3e-4,
                    help="learning rate of the plain fine-tuning baseline (0: leave the baseline out)")
     q.add_argument("--threads", type=_positive_int, default=2)
@@ -235,7 +258,8 @@ def _run_bench_adapt(args: argparse.Namespace) -> int:
     from clipsr.bench.adapt import bench_adaptation
 
     result = bench_adaptation(args.source_model, {k: storage.absolute(v) for k, v in args.data}, args.shots,
-                              args.budget_seconds, args.finetune_lr, args.threads, patch_tries=args.patch_tries)
+                              args.budget_seconds, args.finetune_lr, args.threads, patch_tries=args.patch_tries,
+                              device=args.device, precision=args.precision)
     storage.write_bytes_atomic(args.out, json.dumps(result, indent=2).encode())
     print(f"written to {args.out}")
     return 0

@@ -16,7 +16,7 @@ from clipsr.adapt.spec import DomainSpec
 from clipsr.factory import create_model, load_checkpoint, save_checkpoint
 from clipsr.models.checkpoint import CheckpointError
 
-SETTINGS = AdaptSettings(candidates=(("adaptive+bias", 1e-3),), max_steps=4, chunk=2, batch=2, lr_patch=12, holdout=1,
+SETTINGS = AdaptSettings(candidates=(("adaptive+bias", 1e-3),), max_steps=16, chunk=2, batch=2, lr_patch=12, holdout=1,
                          budget_seconds=60)
 
 
@@ -47,9 +47,9 @@ def test_adapt_domain_stores_only_what_changed(source, tmp_path):
     model, meta = load_checkpoint(source)
     shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(4)]
     result = adapt_domain(model, meta, shots, SETTINGS)
-    # 4 probe steps (max_steps), then 4 more on all shots if the probe beat the source model
+    # 4 probe steps (a quarter of max_steps), then 12 more on all shots if the probe beat the source
     assert [step for step, _ in result.curve["adaptive+bias@0.001"]] == [4]
-    assert (result.steps, result.probe_steps) == ((8, 4) if result.gain_db > 0 else (0, 0))
+    assert (result.steps, result.probe_steps) == ((16, 4) if result.gain_db > 0 else (0, 0))
     changed = {k for k, v in result.model.state_dict().items() if not torch.equal(v, model.state_dict()[k])}
     assert changed <= set(model.adaptation_names("adaptive+bias"))
     with pytest.raises(ValueError, match="smaller than one"):
@@ -82,6 +82,9 @@ def test_parallel_domains_publish_and_a_broken_one_is_reported(ray_local, s3_buc
         assert doc["source_model"]["weights_sha256"] and doc["code_revision"] and doc["seconds"] > 0
         assert [e["uri"] for e in doc["exemplars"]] == storage.list_images(f"{data}/{name}")
         assert all(len(e["sha256"]) == 64 for e in doc["exemplars"])
+        # the settings as they ran on the worker: "auto" precision resolved, the loss named
+        selection = doc["settings"]["selection"]
+        assert selection["precision"] in ("bf16", "fp32") and selection["loss"] == SETTINGS.loss
         assert entry.centroid is not None and abs(np.linalg.norm(entry.centroid) - 1) < 1e-5
         # the stored model is a delta on the source, loadable by reference
         model, meta = load_checkpoint(f"{registry}/{name}/v1")
@@ -261,3 +264,42 @@ def test_patch_tries_prefer_textured_regions():
 
     plain, picky = textured_share(1), textured_share(4)
     assert 0.4 < plain < 0.8 and picky > 0.95
+
+
+def test_adaptation_loss_measures_the_luma_the_domain_is_scored_on():
+    from clipsr.adapt.fast import luma_l1
+    from clipsr.metrics import rgb_to_y
+
+    rng = np.random.default_rng(0)
+    sr, hr = rng.random((2, 8, 8, 3))
+    expected = np.abs(rgb_to_y(sr) - rgb_to_y(hr)).mean() / 255.0
+    to_t = lambda a: torch.from_numpy(a.transpose(2, 0, 1)[None]).float()  # noqa: E731
+    assert float(luma_l1(to_t(sr), to_t(hr))) == pytest.approx(expected, rel=1e-5)
+    # a pure chroma change (equal luma) costs nothing; a luma change does
+    grey = np.full((1, 3, 4, 4), 0.5)
+    shifted = grey + np.array([0.1, -0.1 * 65.481 / 128.553, 0.0]).reshape(1, 3, 1, 1)
+    assert float(luma_l1(torch.tensor(shifted).float(), torch.tensor(grey).float())) == pytest.approx(0, abs=1e-7)
+
+
+def test_the_learning_rate_warms_up_over_the_first_steps(source):
+    from clipsr.adapt.fast import Trajectory
+    from clipsr.adapt.shots import degrade_shots
+
+    model, _ = load_checkpoint(source)
+    shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(2)]
+    s = dataclasses.replace(SETTINGS, warmup_steps=4)
+    trajectory = Trajectory(model, "all", 1e-3, degrade_shots(shots, model.scale, s.lr_patch), s)
+    used = []
+    for _ in range(6):
+        trajectory.step(1e-3)
+        used.append(trajectory.opt.param_groups[0]["lr"])
+    assert used == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_training_precision_is_resolved_from_the_hardware_and_checked():
+    from clipsr.adapt.fast import resolve_precision
+
+    assert resolve_precision("auto", "cpu") == ("bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32")
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    with pytest.raises(ValueError, match="precision must be auto, bf16 or fp32"):
+        resolve_precision("fp16", "cpu")

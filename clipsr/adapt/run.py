@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from clipsr import imaging, storage
-from clipsr.adapt.fast import adapt_domain
+from clipsr.adapt.fast import adapt_domain, resolve_precision
 from clipsr.adapt.settings import AdaptSettings
 from clipsr.adapt.spec import DomainSpec
 from clipsr.factory import encode_checkpoint, load_checkpoint
@@ -72,6 +72,8 @@ def adapt_one(
             raise ValueError(f"domain asks for x{spec.scale}, the source model is x{source.scale}")
         uris = spec.exemplar_uris()
         shots, exemplars = read_shots(uris)
+        # Recorded as it ran: "auto" precision resolved on this worker's hardware.
+        settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
         result = adapt_domain(source, smeta, shots, settings)
         centroid, centroid_encoder = _centroid(shots, routing_encoder)
         scores = {
@@ -130,6 +132,8 @@ def adapt_many(
     names = [s.name for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"domain names must be unique, got {names}")
+    if gpus_per_domain > 0:
+        settings = dataclasses.replace(settings, device="cuda")
     task = ray.remote(num_cpus=cpus_per_domain, num_gpus=gpus_per_domain, max_retries=0)(adapt_one)
     threads = max(1, int(round(cpus_per_domain)))
     refs = {task.remote(s, source_spec, settings, registry_uri, routing_encoder, threads): s.name for s in specs}

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from clipsr import storage
-from clipsr.adapt.fast import plain_finetune
+from clipsr.adapt.fast import plain_finetune, resolve_precision
 from clipsr.adapt.run import adapt_one, read_shots
 from clipsr.adapt.settings import AdaptSettings
 from clipsr.adapt.spec import DomainSpec
@@ -31,13 +31,16 @@ def _score(upscaler: Any, name: str, folder: str, shots: int) -> float:
 
 def bench_adaptation(
     source: str, domains: dict[str, str], shots: int, budget_seconds: float, finetune_lr: float,
-    threads: int, seed: int = 0, patch_tries: int = AdaptSettings.patch_tries,
+    threads: int, seed: int = 0, patch_tries: int = AdaptSettings.patch_tries, device: str = "cpu",
+    precision: str = AdaptSettings.precision,
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    settings = AdaptSettings(budget_seconds=budget_seconds, seed=seed, patch_tries=patch_tries)
+    settings = AdaptSettings(budget_seconds=budget_seconds, seed=seed, patch_tries=patch_tries, device=device,
+                             precision=precision)
     out: dict[str, Any] = {"environment": environment(), "source": source, "shots": shots,
                            "budget_seconds": budget_seconds, "candidates": settings.candidates,
-                           "finetune_lr": finetune_lr, "patch_tries": patch_tries, "domains": {}}
+                           "finetune_lr": finetune_lr, "patch_tries": patch_tries, "device": device,
+                           "precision": resolve_precision(precision, device), "domains": {}}
     src_model, src_meta = load_checkpoint(source)
     with tempfile.TemporaryDirectory() as registry:
         for name, folder in domains.items():

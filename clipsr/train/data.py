@@ -54,13 +54,19 @@ def load_shard(
     return images
 
 
-def augment(patch: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Random flips and 90-degree rotations (the 8 dihedral transforms)."""
-    if rng.random() < 0.5:
-        patch = patch[:, ::-1]
-    if rng.random() < 0.5:
-        patch = patch[::-1]
-    return np.rot90(patch, k=int(rng.integers(4)))
+def augment(patches: tuple[np.ndarray, ...], rng: np.random.Generator) -> tuple[np.ndarray, ...]:
+    """One random flip/90-degree rotation (of the 8 dihedral transforms), the same for every patch
+    given (an LR patch and its HR patch stay aligned)."""
+    flip_x, flip_y, turns = rng.random() < 0.5, rng.random() < 0.5, int(rng.integers(4))
+
+    def one(patch: np.ndarray) -> np.ndarray:
+        if flip_x:
+            patch = patch[:, ::-1]
+        if flip_y:
+            patch = patch[::-1]
+        return np.rot90(patch, k=turns)
+
+    return tuple(one(p) for p in patches)
 
 
 def texture(patch: np.ndarray) -> float:
@@ -91,7 +97,8 @@ class PatchSampler:
             y, x = int(self.rng.integers(h - hp + 1)), int(self.rng.integers(w - hp + 1))
             crops.append(img.pixels[y : y + hp, x : x + hp])
         crop = crops[0] if self.tries == 1 else max(crops, key=texture)
-        hr = augment(crop, self.rng).astype(np.float32) / 255.0
+        (hr,) = augment((crop,), self.rng)
+        hr = hr.astype(np.float32) / 255.0
         return make_lr_float(hr, self.scale), hr
 
     def sample(self, batch: int, pool: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
