@@ -245,7 +245,7 @@ def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
                    help="adaptation: each patch the most textured of this many positions")
     q.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where adaptation and fine-tuning train")
     q.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=AdaptSettings.precision,
-                   help="training arithmetic of both (auto: bf16 where the hardware has it)")
+                   help="training arithmetic of both (auto: bf16 on CPUs with AVX-512 BF16, else fp32)")
     q.add_argument("--finetune-lr", type=float, default=3e-4,
                    help="learning rate of the plain fine-tuning baseline (0: leave the baseline out)")
     q.add_argument("--threads", type=_positive_int, default=2)
@@ -347,13 +347,15 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="model registry (folder or s3:// prefix)")
     p.add_argument("--candidate", action="append", type=_scope_at_lr, metavar="SCOPE@LR",
                    help="a (scope, learning rate) to probe, e.g. adaptive+bias@2e-3 or all@3e-4 (repeat); "
-                        "the best on the held-out exemplars is trained on (default: all@3e-4, all@1e-3)")
+                        "the best on the held-out exemplars is trained on (default: all@1e-3, all@2e-3)")
     p.add_argument("--budget-seconds", type=float, default=270.0,
                    help="time per domain, probing the candidates and training the best (default 270)")
     p.add_argument("--patch-tries", type=_positive_int, default=AdaptSettings.patch_tries,
                    help="each training patch is the most textured of this many random positions")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=AdaptSettings.precision,
+                   help="training arithmetic (auto: bf16 on CPUs with AVX-512 BF16, else fp32)")
     p.add_argument("--cpus-per-domain", type=float, default=2.0)
-    p.add_argument("--gpus-per-domain", type=float, default=0.0)
+    p.add_argument("--gpus-per-domain", type=float, default=0.0, help="> 0: each domain trains on a GPU")
     p.add_argument("--routing-encoder", default="color-stats",
                    help="encoder for domain centroids: color-stats (no semantic prior) or a CLIP arch")
     p.add_argument("--routing-encoder-weights", help="weights file/URI for a CLIP routing encoder")
@@ -376,7 +378,8 @@ def _run_adapt(args: argparse.Namespace) -> int:
         specs += load_specs(args.spec)
     if not specs:
         raise ValueError("give at least one --domain NAME=DIR or a --spec file")
-    settings = AdaptSettings(budget_seconds=args.budget_seconds, seed=args.seed, patch_tries=args.patch_tries)
+    settings = AdaptSettings(budget_seconds=args.budget_seconds, seed=args.seed, patch_tries=args.patch_tries,
+                             precision=args.precision)
     if args.candidate:
         settings = dataclasses.replace(settings, candidates=tuple(args.candidate))
     encoder = {"arch": args.routing_encoder, "weights": args.routing_encoder_weights, "seed": 0}

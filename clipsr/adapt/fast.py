@@ -11,6 +11,12 @@ Within a time budget, in two phases:
    ``final_lr_ratio`` of the start: nothing trained in the probe is thrown away, and the last steps
    are small.
 
+Every step samples aligned patches of the exemplars degraded whole (clipsr.adapt.shots), measures
+the L1 distance of luma (the channel the domain is scored on), warms its learning rate up over the
+first ``warmup_steps``, and runs in bf16 where the CPU computes it natively. The chosen candidate
+takes at most ``steps_per_shot`` steps per exemplar in all, wherever the time budget would allow
+more: on ten exemplars, longer runs learn the exemplars rather than their domain.
+
 The held-out score of the winner in phase 1 (taken before phase 2 sees the held-out shots) is the
 honest estimate of the gain, and decides promotion. Scope ``adaptive+bias`` changes only the
 domain-adaptive module and the biases (a small delta on the shared source model); ``all`` tunes
@@ -55,16 +61,15 @@ class AdaptResult:
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """``auto``: bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX-512
-    BF16), else fp32. On this project's 2-core CPU a bf16 training step takes 0.6 of an fp32 one
-    (docs/benchmarks.md), so the time budget buys more steps."""
+    """``auto``: bf16 on CPUs with AVX-512 BF16, where a training step of cdasr-lite takes 0.6 of an
+    fp32 one (docs/benchmarks.md), so the time budget buys more steps; fp32 elsewhere, GPUs
+    included: on an H200 the small network's steps are bound by kernel launches, and bf16's casts
+    made them slower (22 ms against 19)."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
     if precision != "auto":
         return precision
-    if device.startswith("cuda"):
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32"
+    return "bf16" if device == "cpu" and torch.cpu._is_avx512_bf16_supported() else "fp32"
 
 
 def heldout_psnr(model: CDASR, meta: dict[str, Any], images: list[np.ndarray], scale: int,
