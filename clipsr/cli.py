@@ -243,12 +243,15 @@ def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
     q.add_argument("--budget-seconds", type=float, default=270.0, help="adaptation's time budget per domain")
     q.add_argument("--patch-tries", type=_positive_int, default=AdaptSettings.patch_tries,
                    help="adaptation: each patch the most textured of this many positions")
+    q.add_argument("--candidate", action="append", type=_scope_at_lr, metavar="SCOPE@LR",
+                   help="adaptation's candidates, as for clipsr adapt (default: its defaults)")
     q.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where adaptation and fine-tuning train")
     q.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=AdaptSettings.precision,
                    help="training arithmetic of both (auto: bf16 on CPUs with AVX-512 BF16, else fp32)")
     q.add_argument("--finetune-lr", type=float, default=3e-4,
                    help="learning rate of the plain fine-tuning baseline (0: leave the baseline out)")
     q.add_argument("--threads", type=_positive_int, default=2)
+    q.add_argument("--seed", type=int, default=0, help="seed of both trainings (patches, initial state)")
     q.add_argument("--out", default="docs/bench/adapt.json")
     q.set_defaults(func=_run_bench_adapt)
 
@@ -258,8 +261,9 @@ def _run_bench_adapt(args: argparse.Namespace) -> int:
     from clipsr.bench.adapt import bench_adaptation
 
     result = bench_adaptation(args.source_model, {k: storage.absolute(v) for k, v in args.data}, args.shots,
-                              args.budget_seconds, args.finetune_lr, args.threads, patch_tries=args.patch_tries,
-                              device=args.device, precision=args.precision)
+                              args.budget_seconds, args.finetune_lr, args.threads, seed=args.seed,
+                              patch_tries=args.patch_tries, device=args.device, precision=args.precision,
+                              candidates=tuple(args.candidate or AdaptSettings.candidates))
     storage.write_bytes_atomic(args.out, json.dumps(result, indent=2).encode())
     print(f"written to {args.out}")
     return 0

@@ -4,21 +4,21 @@ Within a time budget, in two phases:
 
 1. **Probe.** Each candidate (scope, learning rate) trains its own copy of the source model on all
    shots but the last ``holdout`` (in sorted order) for an equal share of ``probe_fraction`` of the
-   budget, and is scored on the held-out shots. The best candidate wins if it beats the source
-   model there; otherwise the source model is kept (0 steps, not promoted).
-2. **Continue.** The winner's trajectory (weights and optimiser state) goes on over *all* the
-   shots for the rest of the budget, its learning rate decayed along a cosine to
-   ``final_lr_ratio`` of the start: nothing trained in the probe is thrown away, and the last steps
-   are small.
+   budget, and is scored on the held-out shots. The best candidate there wins.
+2. **Continue.** The winner's trajectory (weights and optimiser state) goes on for the rest of the
+   budget, its learning rate decayed along a cosine to ``final_lr_ratio`` of the start: nothing
+   trained in the probe is thrown away, and the last steps are small. If the winner already beat
+   the source model on the held-out shots, it goes on over *all* the shots; if not, over the same
+   shots as before, and is scored on the held-out ones again at the end.
 
 Every step samples aligned patches of the exemplars degraded whole (clipsr.adapt.shots), measures
 the L1 distance of luma (the channel the domain is scored on), warms its learning rate up over the
 first ``warmup_steps``, and runs in bf16 where the CPU computes it natively. The chosen candidate
-takes at most ``steps_per_shot`` steps per exemplar in all, wherever the time budget would allow
-more: on ten exemplars, longer runs learn the exemplars rather than their domain.
+trains on at most ``patches_per_shot`` patches per exemplar in all, wherever the time budget would
+allow more: on ten exemplars, longer runs learn the exemplars rather than their domain.
 
-The held-out score of the winner in phase 1 (taken before phase 2 sees the held-out shots) is the
-honest estimate of the gain, and decides promotion. Scope ``adaptive+bias`` changes only the
+The winner's last held-out score, always taken on a model that never saw the held-out shots, is
+the honest estimate of the gain, and decides promotion. Scope ``adaptive+bias`` changes only the
 domain-adaptive module and the biases (a small delta on the shared source model); ``all`` tunes
 every weight.
 """
@@ -48,10 +48,10 @@ class AdaptResult:
     model: CDASR
     scope: str
     lr: float
-    steps: int  # probe + continuation steps of the chosen candidate (0: the source model kept)
+    steps: int  # probe + continuation steps of the chosen candidate
     probe_steps: int
     heldout_before: float
-    heldout_after: float  # the chosen candidate's held-out score at the end of the probe
+    heldout_after: float  # the chosen candidate's last score on held-out shots it never trained on
     curve: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -162,28 +162,33 @@ def adapt_domain(source: CDASR, meta: dict[str, Any], shots: list[np.ndarray], s
     before = heldout_psnr(source, meta, held, source.scale, s.device)
 
     curve: dict[str, list[tuple[int, float]]] = {}
-    best: tuple[float, Trajectory] | None = None
+    probed: list[tuple[float, Trajectory]] = []
     share = s.budget_seconds * s.probe_fraction / len(s.candidates)
     # More steps than this over a few exemplars learns them rather than their domain (measured:
     # on 10 urban100 shots, 3600- and 7200-step runs ended below an 1800-step one on unseen images).
-    cap = min(s.max_steps, s.steps_per_shot * len(shots))
+    cap = min(s.max_steps, s.patches_per_shot * len(shots) // s.batch)
     for scope, lr in s.candidates:
         trajectory = Trajectory(source, scope, lr, fit, s)
         trajectory.run_for(share, max(1, int(cap * s.probe_fraction)))
+        started = time.perf_counter()
         score = heldout_psnr(trajectory.model, meta, held, source.scale, s.device)
+        scoring = time.perf_counter() - started
         curve[f"{scope}@{lr:g}"] = [(trajectory.steps, score)]
-        if score > before and (best is None or score > best[0]):
-            best = (score, trajectory)
-    if best is None:
-        return AdaptResult(copy.deepcopy(source).eval(), s.candidates[0][0], 0.0, 0, 0, before, before,
-                           curve, time.perf_counter() - t0)
+        probed.append((score, trajectory))
 
-    score, chosen = best
+    score, chosen = max(probed, key=lambda p: p[0])
     probe_steps = chosen.steps
-    left = s.budget_seconds - (time.perf_counter() - t0)
+    # A probe that already beats the source model has given its honest estimate: train on all the
+    # exemplars. One that does not may just be too short (a tuned model first loses a little, for
+    # a few hundred steps): train on without the held-out exemplars and judge at the end.
+    confirmed = score > before
+    left = s.budget_seconds - (time.perf_counter() - t0) - (0 if confirmed else scoring)
     steps = min(cap - probe_steps, max(0, int(left / chosen.seconds_per_step())))
-    chosen.use(pairs)
+    chosen.use(pairs if confirmed else fit)
     chosen.decay(steps)
+    if not confirmed:
+        score = heldout_psnr(chosen.model, meta, held, source.scale, s.device)
+        curve[f"{chosen.scope}@{chosen.lr:g}"].append((chosen.steps, score))
     return AdaptResult(chosen.model.cpu().eval(), chosen.scope, chosen.lr, chosen.steps, probe_steps, before, score,
                        curve, time.perf_counter() - t0)
 

@@ -32,14 +32,14 @@ def _score(upscaler: Any, name: str, folder: str, shots: int) -> float:
 def bench_adaptation(
     source: str, domains: dict[str, str], shots: int, budget_seconds: float, finetune_lr: float,
     threads: int, seed: int = 0, patch_tries: int = AdaptSettings.patch_tries, device: str = "cpu",
-    precision: str = AdaptSettings.precision,
+    precision: str = AdaptSettings.precision, candidates: tuple[tuple[str, float], ...] = AdaptSettings.candidates,
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    settings = AdaptSettings(budget_seconds=budget_seconds, seed=seed, patch_tries=patch_tries, device=device,
-                             precision=precision)
+    settings = AdaptSettings(candidates=candidates, budget_seconds=budget_seconds, seed=seed,
+                             patch_tries=patch_tries, device=device, precision=precision)
     out: dict[str, Any] = {"environment": environment(), "source": source, "shots": shots,
                            "budget_seconds": budget_seconds, "candidates": settings.candidates,
-                           "finetune_lr": finetune_lr, "patch_tries": patch_tries, "device": device,
+                           "finetune_lr": finetune_lr, "patch_tries": patch_tries, "seed": seed, "device": device,
                            "precision": resolve_precision(precision, device), "domains": {}}
     src_model, src_meta = load_checkpoint(source)
     with tempfile.TemporaryDirectory() as registry:
@@ -52,7 +52,8 @@ def bench_adaptation(
                 raise RuntimeError(f"adapting {name} failed: {row['error']}")
             adapted = _score(load_upscaler(f"{registry}/{name}/v{row['version']}"), name, folder, shots)
             print(f"[{name}] adapted: {adapted:.3f} dB ({adapted - base:+.3f}), {row['scope']} "
-                  f"{row['steps']} steps at lr {row['lr']:g}, {row['seconds']:.0f} s", flush=True)
+                  f"{row['steps']} steps at lr {row['lr']:g}, {row['seconds']:.0f} s, held-out "
+                  f"{row['gain_db']:+.3f} ({'promoted' if row['promoted'] else 'not promoted'})", flush=True)
 
             out["domains"][name] = {
                 "source_psnr_y": base,
