@@ -351,7 +351,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="model registry (folder or s3:// prefix)")
     p.add_argument("--candidate", action="append", type=_scope_at_lr, metavar="SCOPE@LR",
                    help="a (scope, learning rate) to probe, e.g. adaptive+bias@2e-3 or all@3e-4 (repeat); "
-                        "the best on the held-out exemplars is trained on (default: all@1e-3, all@2e-3)")
+                        "the best on the held-out exemplars is trained on (default: all@2e-3)")
     p.add_argument("--budget-seconds", type=float, default=270.0,
                    help="time per domain, probing the candidates and training the best (default 270)")
     p.add_argument("--patch-tries", type=_positive_int, default=AdaptSettings.patch_tries,

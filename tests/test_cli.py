@@ -256,3 +256,11 @@ def test_bench_inference_refuses_unknown_configs_before_timing(tmp_path, capsys)
     with pytest.raises(SystemExit):
         main(["bench", "inference", "--runs", "0"])
     assert "expected a number >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_gpu_bench_without_a_gpu_says_so_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "gpu.json"
+    assert main(["bench", "gpu", "--out", str(out)]) == 1
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert not out.exists()

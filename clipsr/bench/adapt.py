@@ -1,9 +1,10 @@
 """Adaptation gain on unseen images: source model, few-shot adaptation, plain fine-tuning.
 
 For each domain folder the first ``shots`` images (sorted order) are the exemplars. Adaptation runs
-as ``clipsr adapt`` does (candidates probed on held-out exemplars, the best trained on all of them);
-the baseline fine-tunes every weight of the source model at one fixed learning rate on the same
-exemplars for the same wall-clock time. Each result is scored with the evaluation protocol on the
+as ``clipsr adapt`` does (candidates probed on held-out exemplars, the best trained on); the
+baseline fine-tunes every weight of the source model at one fixed learning rate, RGB L1 and no
+warm-up, on the same exemplars for the same wall-clock time, with the same patch sampler and
+arithmetic. Each result is scored with the evaluation protocol on the
 rest of the folder (``--skip-first shots``), which neither ever saw.
 """
 from __future__ import annotations
