@@ -12,9 +12,9 @@ import math
 
 import numpy as np
 
-__all__ = ["rgb_to_y", "psnr", "ssim", "sharpness", "clipping_ratio", "mean_luma"]
+__all__ = ["Y_WEIGHTS", "rgb_to_y", "psnr", "ssim", "sharpness", "clipping_ratio", "mean_luma"]
 
-_Y_WEIGHTS = np.array([65.481, 128.553, 24.966])  # BT.601 studio-range luma, RGB in [0, 1]
+Y_WEIGHTS = np.array([65.481, 128.553, 24.966])  # BT.601 studio-range luma, RGB in [0, 1]
 _LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])  # BT.601 full-range luma, for no-reference figures
 _SSIM_C1 = (0.01 * 255) ** 2
 _SSIM_C2 = (0.03 * 255) ** 2
@@ -31,7 +31,7 @@ def rgb_to_y(img: np.ndarray) -> np.ndarray:
     img = _check_hwc(img, "rgb_to_y")
     if img.shape[2] != 3:
         raise ValueError(f"rgb_to_y expects 3 channels (RGB), got {img.shape[2]}")
-    return (16.0 + _to_unit(img) @ _Y_WEIGHTS)[..., None]
+    return (16.0 + _to_unit(img) @ Y_WEIGHTS)[..., None]
 
 
 def psnr(img: np.ndarray, ref: np.ndarray, crop_border: int, test_y_channel: bool = True) -> float:

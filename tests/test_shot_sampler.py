@@ -64,3 +64,17 @@ def test_same_seed_same_batches():
     a = ShotSampler(pairs, scale=4, lr_patch=6, seed=3).sample(4)
     b = ShotSampler(pairs, scale=4, lr_patch=6, seed=3).sample(4)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_patch_tries_prefer_textured_regions():
+    rng = np.random.default_rng(0)
+    img = np.full((64, 128, 3), 128, np.uint8)
+    img[:, 64:] = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)  # right half textured, left flat
+
+    def textured_share(tries: int) -> float:
+        sampler = ShotSampler(degrade_shots([img], 2, 8), scale=2, lr_patch=8, seed=1, tries=tries)
+        _, hr, _ = sampler.sample(200)
+        return float((hr.std(dim=(1, 2, 3)) > 0.05).float().mean())  # any textured pixels in it
+
+    plain, picky = textured_share(1), textured_share(4)
+    assert 0.4 < plain < 0.8 and picky > 0.95

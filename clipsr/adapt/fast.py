@@ -39,6 +39,7 @@ from clipsr.adapt.settings import AdaptSettings
 from clipsr.adapt.shots import ShotPair, ShotSampler, degrade_shots
 from clipsr.evaluate import score_image
 from clipsr.inference import NetworkUpscaler
+from clipsr.metrics import Y_WEIGHTS
 from clipsr.models.cdasr import CDASR
 from clipsr.train.episodes import inner_loop
 
@@ -79,9 +80,6 @@ def heldout_psnr(model: CDASR, meta: dict[str, Any], images: list[np.ndarray], s
     return float(np.mean([score_image(up, hr, scale)["psnr_y"] for hr in images]))
 
 
-_LUMA = (65.481 / 255.0, 128.553 / 255.0, 24.966 / 255.0)  # BT.601, as the Y-PSNR the domain is scored on
-
-
 def rgb_l1(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
     """Mean absolute error over R, G and B, in fp32 whatever precision the network ran in."""
     return F.l1_loss(sr.float(), hr)
@@ -89,7 +87,7 @@ def rgb_l1(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
 
 def luma_l1(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
     """Mean absolute error of BT.601 luma, in fp32: the network's few steps go where Y-PSNR looks."""
-    w = torch.tensor(_LUMA, device=sr.device).view(1, 3, 1, 1)
+    w = torch.tensor(Y_WEIGHTS / 255.0, dtype=torch.float32, device=sr.device).view(1, 3, 1, 1)
     return F.l1_loss((sr.float() * w).sum(1), (hr * w).sum(1))
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from clipsr.degrade import make_lr, modcrop
-from clipsr.train.data import augment, texture
+from clipsr.train.data import augment
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,18 @@ def degrade_shots(shots: list[np.ndarray], scale: int, lr_patch: int) -> list[Sh
     return [ShotPair(i, make_lr(modcrop(shot, scale), scale), modcrop(shot, scale)) for i, shot in enumerate(shots)]
 
 
+def texture(patch: np.ndarray) -> float:
+    """Mean absolute difference between neighbouring pixels (all channels): 0 for a flat patch."""
+    p = patch.astype(np.float32)
+    return float(np.abs(np.diff(p, axis=0)).mean() + np.abs(np.diff(p, axis=1)).mean())
+
+
 class ShotSampler:
-    """Batches of aligned (LR, HR) patches from degraded exemplars, each exemplar equally likely."""
+    """Batches of aligned (LR, HR) patches from degraded exemplars, each exemplar equally likely.
+
+    With ``tries`` > 1, each patch is the most textured of that many random positions: with a few
+    exemplars and a few hundred steps, flat sky and blank paper teach the network next to nothing.
+    """
 
     def __init__(self, pairs: list[ShotPair], scale: int, lr_patch: int, seed: int, tries: int = 1) -> None:
         if not pairs:

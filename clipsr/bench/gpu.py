@@ -116,9 +116,10 @@ def run(model_spec: str = "default", runs: int = 10) -> dict[str, Any]:
         raise LookupError("clipsr bench gpu needs a CUDA device; torch sees none")
     model, meta = load_checkpoint(model_spec)
     model = model.float()
-    images = {uri.rsplit("/", 1)[-1]: imaging.load_rgb_or_grey_uint8(storage.read_bytes(uri)).astype(np.float32) / 255.0
+    pixels = {uri.rsplit("/", 1)[-1]: imaging.load_rgb_or_grey_uint8(storage.read_bytes(uri))
               for uri in storage.list_images(str(SAMPLES))}
-    shots = [imaging.to_rgb((img * 255).round().astype(np.uint8)) for img in images.values()]
+    images = {n: p.astype(np.float32) / 255.0 for n, p in pixels.items()}
+    shots = [imaging.to_rgb(p) for p in pixels.values()]
     env = environment()
     env.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
     return {

@@ -69,35 +69,20 @@ def augment(patches: tuple[np.ndarray, ...], rng: np.random.Generator) -> tuple[
     return tuple(one(p) for p in patches)
 
 
-def texture(patch: np.ndarray) -> float:
-    """Mean absolute difference between neighbouring pixels (all channels): 0 for a flat patch."""
-    p = patch.astype(np.float32)
-    return float(np.abs(np.diff(p, axis=0)).mean() + np.abs(np.diff(p, axis=1)).mean())
-
-
 class PatchSampler:
-    """Batches of (LR, HR, image index) patches from a list of HR images.
+    """Batches of (LR, HR, image index) patches from a list of HR images."""
 
-    With ``tries`` > 1, each patch is the most textured of that many random positions: with a few
-    exemplars and a few hundred steps, flat sky and blank paper teach the network next to nothing.
-    """
-
-    def __init__(self, images: list[TrainImage], scale: int, lr_patch: int, seed: int, tries: int = 1) -> None:
+    def __init__(self, images: list[TrainImage], scale: int, lr_patch: int, seed: int) -> None:
         self.images = images
         self.scale = scale
         self.lr_patch = lr_patch
-        self.tries = tries
         self.rng = np.random.default_rng(seed)
 
     def _patch(self, img: TrainImage) -> tuple[np.ndarray, np.ndarray]:
         hp = self.lr_patch * self.scale
         h, w = img.pixels.shape[:2]
-        crops = []
-        for _ in range(self.tries):
-            y, x = int(self.rng.integers(h - hp + 1)), int(self.rng.integers(w - hp + 1))
-            crops.append(img.pixels[y : y + hp, x : x + hp])
-        crop = crops[0] if self.tries == 1 else max(crops, key=texture)
-        (hr,) = augment((crop,), self.rng)
+        y, x = int(self.rng.integers(h - hp + 1)), int(self.rng.integers(w - hp + 1))
+        (hr,) = augment((img.pixels[y : y + hp, x : x + hp],), self.rng)
         hr = hr.astype(np.float32) / 255.0
         return make_lr_float(hr, self.scale), hr
 
