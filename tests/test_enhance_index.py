@@ -44,7 +44,7 @@ def test_manifest_arrow_schema_is_the_published_one():
     for name in ("output_uri", "error", "domain", "model_id", "model_version", "clip_encoder", "input_etag"):
         assert schema.field(name).nullable
     assert schema.field("input_mtime").type == pa.timestamp("ms", tz="UTC")
-    assert schema.metadata[b"clipsr.manifest.version"] == b"1"
+    assert schema.metadata[b"clipsr.manifest.version"] == b"2"
 
 
 def test_manifest_parts_are_named_by_their_keys_and_overwrite_on_retry(tmp_path):

@@ -20,7 +20,7 @@ from clipsr.enhance import manifest
 from clipsr.enhance import rows as R
 from clipsr.enhance.decode import decode_batch
 from clipsr.enhance.infer import InferStage
-from clipsr.enhance.manifest import manifest_batch
+from clipsr.enhance.manifest import ManifestWriter
 from clipsr.enhance.pipeline import plan_resources
 from clipsr.enhance.routing import (
     ModelRef,
@@ -117,8 +117,9 @@ def test_stages_in_order_write_outputs_in_kind_and_valid_manifest_rows(tmp_path,
     assert rows["rgb.png"]["infer_s"] > 0 and 0 <= rows["rgb.png"]["clipping_ratio"] <= 1
     assert rows["rgb.png"]["sharpness_gain"] == pytest.approx(
         rows["rgb.png"]["sharpness_output"] / rows["rgb.png"]["sharpness_bicubic"])
-    counts = manifest_batch(out, RUN, str(tmp_path / "manifest")).to_pylist()
-    assert counts == [{"ok": 4, "failed": 0, "rows": 4}]
+    writer = ManifestWriter(RUN, str(tmp_path / "manifest"))
+    assert writer.add(out) == {"ok": 4} and not writer.parts  # under a part's rows and seconds: buffered
+    assert len(writer.close()) == 1
     (part,) = manifest.iter_parts(str(tmp_path / "manifest"))
     written = manifest.read_part(part).to_pylist()
     for row in written:
@@ -143,16 +144,41 @@ def test_inference_failures_are_rows_not_crashes(tmp_path, tiny):
     assert result[0]["error"].startswith("inference failed: FileNotFoundError") and result[1]["status"] is None
 
 
-def test_cpu_budget_leaves_room_for_the_io_tasks():
-    two = plan_resources({"CPU": 2.0})
-    assert (two.device, two.actors, two.actor_cpus, two.threads) == ("cpu", 1, 1.0, 1)
+def test_one_small_machine_gives_its_one_actor_every_usable_cpu():
+    two = plan_resources([{"CPU": 2.0}])
+    assert (two.device, two.max_actors, two.threads) == ("cpu", 1, 2)
     assert two.actor_cpus + two.task_cpus <= 2.0
-    one = plan_resources({"CPU": 1.0})
-    assert one.actor_cpus + one.task_cpus <= 1.0
-    gpus = plan_resources({"CPU": 16.0, "GPU": 2.0})
-    assert (gpus.device, gpus.actors, gpus.actor_gpus) == ("cuda", 2, 1.0)
+    one = plan_resources([{"CPU": 1.0}])
+    assert (one.max_actors, one.threads) == (1, 1) and one.actor_cpus + one.task_cpus <= 1.0
+
+
+def test_the_pool_grows_with_the_cluster_and_leaves_every_node_room_for_io():
+    nodes = [{"CPU": 0.0, "memory": 1e9}] + [{"CPU": 16.0}] * 4  # a head without CPUs, four workers
+    res = plan_resources(nodes)
+    assert res.threads == 1 and res.actor_cpus == 1.0
+    assert res.min_actors == res.max_actors == 4 * 14
+    assert res.max_actors * res.actor_cpus <= 64 - 4 * 2  # an eighth of every node left to the I/O tasks
+    tiny = plan_resources([{"CPU": 0.0}, {"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}])
+    assert tiny.max_actors == 3  # one actor per one-CPU node, beside a decode or write task
+    assert tiny.actor_cpus + 4 * tiny.task_cpus <= 1.0 and 2 * tiny.actor_cpus > 1.0 - 4 * tiny.task_cpus
+    grow = plan_resources(nodes, max_actors=200)
+    assert (grow.min_actors, grow.max_actors) == (56, 200)  # pending actors ask an autoscaler for nodes
+    fixed = plan_resources(nodes, actors=3, threads=4)
+    assert (fixed.min_actors, fixed.max_actors, fixed.threads, fixed.actor_cpus) == (3, 3, 4, 4.0)
+
+
+def test_gpu_clusters_get_one_actor_per_gpu_or_several_sharing_one():
+    gpus = plan_resources([{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}])
+    assert (gpus.device, gpus.max_actors, gpus.actor_gpus) == ("cuda", 2, 1.0)
+    shared = plan_resources([{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}], actors_per_gpu=3)
+    assert (shared.max_actors, shared.actor_gpus) == (6, pytest.approx(1 / 3))
+    assert 3 * shared.actor_cpus + shared.task_cpus <= 8.0
+    cpu_only = plan_resources([{"CPU": 8.0, "GPU": 1.0}], device="cpu")
+    assert cpu_only.device == "cpu" and cpu_only.actor_gpus == 0
     with pytest.raises(ValueError, match="no GPU"):
-        plan_resources({"CPU": 2.0}, device="cuda")
+        plan_resources([{"CPU": 2.0}], device="cuda")
+    with pytest.raises(ValueError, match="--actors must be at least 1"):
+        plan_resources([{"CPU": 2.0}], actors=0)
 
 
 def test_task_stages_do_not_import_torch():

@@ -33,6 +33,15 @@ def output_bit_depth(input_bit_depth: int, fmt: str) -> int:
     return 16 if input_bit_depth == 16 and fmt in imaging.SIXTEEN_BIT_FORMATS else 8
 
 
+def _node() -> tuple[str | None, str | None]:
+    """The Ray node this actor runs on (None, None outside Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return None, None
+    return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+
+
 class InferStage:
     """Ray Data actor UDF (``compute=ActorPoolStrategy``)."""
 
@@ -47,6 +56,7 @@ class InferStage:
         self._models: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self._choosers: dict[str, AutoChooser] = {}
         self._deadline: float | None = None
+        self.node_id, self.node_ip = _node()
 
     def _check_deadline(self, module: torch.nn.Module, args: Any) -> None:
         if self._deadline is not None and time.monotonic() > self._deadline:
@@ -81,12 +91,14 @@ class InferStage:
         lr = to_float(R.unpack(row["lr"]))
         spec = self._route_auto(row, lr) if auto else row["model_spec"]
         up = self.upscaler(spec, int(row["scale"]))
+        network = getattr(up, "model", None)
         if auto:
             R.add_note(row, f"routed to {up.describe()['id']}")
         elif up.describe()["id"] != row["model_id"]:
             R.fail(row, f"model {row['model_spec']} is now {up.describe()['id']}, not the {row['model_id']} "
                         "the run was planned with; rerun")
             return
+        fallbacks = getattr(up, "fp32_fallbacks", 0)
         start = time.monotonic()
         self._deadline = start + self.image_timeout
         try:
@@ -105,6 +117,9 @@ class InferStage:
             R.fail(row, "model output has NaN or infinite values")
             return
         row["infer_s"] = elapsed
+        row.update(infer_node_id=self.node_id, infer_node_ip=self.node_ip)
+        if isinstance(network, torch.nn.Module):
+            row["precision"] = "fp32" if up.fp32_fallbacks > fallbacks else up.precision
         if embedding is not None:
             row["clip_cosine"] = float(np.dot(embedding, encoder.embed_images([imaging.to_rgb(sr)])[0]))
         depth = output_bit_depth(int(row["input_bit_depth"]), row["output_format"])

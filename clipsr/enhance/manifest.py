@@ -10,8 +10,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from functools import lru_cache
 from typing import Any
 
@@ -113,15 +114,54 @@ def json_row(row: Mapping[str, Any]) -> dict[str, Any]:
     return {k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in row.items()}
 
 
-def manifest_batch(batch: pa.Table, run_id: str, run_uri: str) -> pa.Table:
-    """Ray Data task UDF, the last stage: write the batch's rows as one part (after their outputs,
-    so an ok row always follows a committed object) and return only its counts to the driver."""
-    rows = R.from_table(batch)
-    for row in rows:
-        if R.pending(row):  # every stage sets a status or passes the row on; never expected
-            R.fail(row, "internal error: row reached the manifest without a result")
-        row["run_id"] = run_id
-        row["input_mtime"] = row["input_mtime_ms"]
-    write_part(rows, run_uri)
-    counts = Counter(row["status"] for row in rows)
-    return pa.table({"ok": [counts["ok"]], "failed": [counts["failed"]], "rows": [len(rows)]})
+def finish_row(row: dict[str, Any], run_id: str) -> dict[str, Any]:
+    """A pipeline row as a manifest row of ``run_id``."""
+    if R.pending(row):  # every stage sets a status or passes the row on; never expected
+        R.fail(row, "internal error: row reached the manifest without a result")
+    row["run_id"] = run_id
+    row["input_mtime"] = row["input_mtime_ms"]
+    return row
+
+
+class ManifestWriter:
+    """The driver's end of the pipeline: rows arrive as their outputs are committed and are
+    written as parts of the run's manifest every ``every_rows`` rows or ``every_s`` seconds,
+    whichever comes first, so a killed run loses at most the rows of that window.
+
+    ``fence`` is called before every part is written and raises when this run may no longer write
+    (it lost its lock): no row of a fenced-out run reaches the manifest after that.
+    """
+
+    def __init__(self, run_id: str, run_uri: str, fence: Callable[[], None] = lambda: None,
+                 every_rows: int = 1000, every_s: float = 30.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if every_rows < 1 or every_s < 0:
+            raise ValueError(f"manifest parts need every_rows >= 1 and every_s >= 0, got {every_rows}, {every_s}")
+        self.run_id, self.run_uri, self.fence = run_id, run_uri, fence
+        self.every_rows, self.every_s, self.clock = every_rows, every_s, clock
+        self.parts: list[str] = []
+        self._rows: list[dict[str, Any]] = []
+        self._last = clock()
+
+    def add(self, batch: pa.Table) -> Counter:
+        """Take a batch of pipeline rows; returns its rows per status."""
+        rows = [finish_row(row, self.run_id) for row in R.from_table(batch)]
+        for row in rows:
+            for name in R.PAYLOADS:
+                row[name] = None
+        self._rows += rows
+        if len(self._rows) >= self.every_rows or self.clock() - self._last >= self.every_s:
+            self.flush()
+        return Counter(row["status"] for row in rows)
+
+    def flush(self) -> None:
+        self._last = self.clock()
+        if not self._rows:
+            return
+        self.fence()
+        self.parts.append(write_part(self._rows, self.run_uri))
+        self._rows = []
+
+    def close(self) -> list[str]:
+        self.flush()
+        return self.parts

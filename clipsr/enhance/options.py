@@ -32,7 +32,10 @@ class EnhanceOptions:
     precision: str = "fp32"
     tile: int = 256
     actors: int | None = None
+    max_actors: int | None = None
+    actors_per_gpu: int = 1
     threads: int | None = None
+    commit_every: float = 30.0
     lock_ttl: float = 600.0
 
     def check(self) -> None:
@@ -48,6 +51,8 @@ class EnhanceOptions:
             raise ValueError(f"--image-timeout must be positive, got {self.image_timeout}")
         if self.format is not None and self.format.lower() not in FORMATS + ("jpg", "tif"):
             raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.commit_every < 0:
+            raise ValueError(f"--commit-every must be at least 0 seconds, got {self.commit_every}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -99,7 +104,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                    help="reduced precision on GPU only (checked for NaN, fp32 fallback)")
     p.add_argument("--tile", type=int, default=256, help="LR tile size for inference (memory bound)")
-    p.add_argument("--actors", type=int, help="inference actors (default: 1 on CPU, one per GPU)")
-    p.add_argument("--threads", type=int, help="torch threads per inference actor (default: its CPUs)")
+    p.add_argument("--actors", type=int, metavar="N",
+                   help="a fixed pool of N inference actors (default: from 1 to what the cluster's nodes hold, "
+                        "leaving each node room for decode and write tasks)")
+    p.add_argument("--max-actors", type=int, metavar="N",
+                   help="let the pool grow to N actors (default: what the cluster holds at the start; "
+                        "more asks an autoscaling cluster for nodes)")
+    p.add_argument("--actors-per-gpu", type=int, default=1, metavar="K",
+                   help="K inference actors share each GPU (default 1)")
+    p.add_argument("--threads", type=int,
+                   help="torch threads per inference actor (default: 1 on nodes that hold several actors, "
+                        "else the node's usable CPUs)")
+    p.add_argument("--commit-every", type=float, default=30.0, metavar="SECONDS",
+                   help="write the manifest rows of finished images at least this often, so a killed run "
+                        "keeps them and its rerun skips those images (default 30; 0: after every block)")
     p.add_argument("--lock-ttl", type=float, default=600.0, metavar="SECONDS",
                    help="a lock whose heartbeat is older than this is taken over (default 600)")

@@ -1,14 +1,21 @@
-"""The Ray Data graph: plan parts -> read+decode -> infer (actor pool) -> encode+write -> manifest.
+"""The Ray Data graph: plan parts -> read+decode -> infer (actor pool) -> encode+write -> driver.
 
 Only the actors import torch: the task functions live in torch-free modules (plan, decode, write,
 manifest), because Ray imports a function's module in every worker that runs it, and a torch
 import costs each task worker seconds and about 400 MB.
 
-CPU budget: on a small machine an actor pool that takes every CPU starves the read tasks and the
-job hangs. The inference actors take one CPU each (one actor by default on CPU, one per GPU on a
-GPU cluster), and the stages around them take fractions, so reads, writes and manifests always
-find room. Blocks carry a few rows each so the decode and write tasks run in parallel with
-inference instead of one task working through a whole plan part.
+The written rows (payloads already dropped) stream back to the driver, which writes them as
+manifest parts every few seconds (manifest.ManifestWriter): a killed run keeps every row that
+reached the driver, and the rerun redoes only the inputs that were in flight.
+
+Sizing (:func:`plan_resources`, pure): the inference pool holds as many actors as the cluster's
+nodes hold when the run starts, node by node, leaving each node room for the decode and write tasks
+(an actor pool that takes every CPU starves the tasks that feed it, and the job hangs). A node too
+small for more than one actor gives it all its usable CPUs as torch threads, so a laptop or a
+2-core VM uses both cores; larger nodes run one single-thread actor per CPU, the most images per
+CPU measured (docs/benchmarks.md). On GPUs, one actor per GPU, or several sharing one
+(``--actors-per-gpu``) when one cannot keep it busy. ``--max-actors`` above the cluster's size lets
+an autoscaling cluster add nodes for the pending actors.
 
 Workers get the storage endpoint and region through the stages' runtime_env
 (:func:`clipsr.ray_runtime.worker_env`), whether this driver started Ray or joined one whose
@@ -19,7 +26,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,76 +34,129 @@ import ray
 import ray.data
 
 from clipsr.enhance.decode import decode_batch
-from clipsr.enhance.manifest import manifest_batch
 from clipsr.enhance.infer import InferStage
+from clipsr.enhance.manifest import ManifestWriter
 from clipsr.enhance.plan import read_plan_parts
 from clipsr.enhance.write import write_batch
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_BLOCK = 2
-MANIFEST_ROWS_PER_PART = 256
+#: Bytes per block: a few plan rows; every decoded or upscaled image is a block of its own.
+PLAN_BLOCK_BYTES = 1024
+#: Logical CPUs of one decode or write task, and of the light plan-reading task. Small: the tasks
+#: spend much of their time waiting on storage, and several must run beside each actor to keep it fed.
+TASK_CPUS, LIGHT_CPUS = 0.1, 0.05
+#: Seconds the pipeline waits for its initial actors (each loads torch and the model) to start.
+ACTOR_START_S = 600
+#: Torch threads per CPU inference actor on nodes that hold several actors (docs/benchmarks.md:
+#: one thread gives the most images per CPU).
+CPU_THREADS = 1
 
 
 @dataclass(frozen=True)
 class Resources:
     device: str  # "cpu" or "cuda"
-    actors: int
+    min_actors: int  # what the cluster holds at the start
+    max_actors: int
     actor_cpus: float
     actor_gpus: float
     threads: int  # torch threads per actor
     task_cpus: float  # decode and write tasks
-    light_cpus: float  # plan reading and manifest tasks
+    light_cpus: float  # plan reading
+
+    def describe(self) -> str:
+        pool = f"{self.max_actors}" if self.min_actors == self.max_actors else f"{self.min_actors}-{self.max_actors}"
+        gpu = f", {self.actor_gpus:.2g} GPU" if self.actor_gpus else ""
+        return (f"{pool} {self.device} actor(s), {self.actor_cpus:.2g} CPU{gpu} and {self.threads} torch "
+                f"thread(s) each; decode/write tasks {self.task_cpus:.2g} CPU")
 
 
-def plan_resources(cluster: dict[str, float], device: str = "auto", actors: int | None = None,
-                   threads: int | None = None) -> Resources:
-    """Share a cluster's CPUs (and GPUs) between the inference actors and the I/O tasks."""
-    cpus, gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
+def io_reserve(node_cpus: float) -> float:
+    """CPUs of one node kept free of inference actors for the decode and write tasks."""
+    return max(0.5, node_cpus / 8)
+
+
+def plan_resources(nodes: Iterable[Mapping[str, float]], device: str = "auto", actors: int | None = None,
+                   threads: int | None = None, max_actors: int | None = None,
+                   actors_per_gpu: int = 1) -> Resources:
+    """Size the inference pool to the cluster's alive nodes (each ``ray.nodes()[i]["Resources"]``)."""
+    nodes = [n for n in nodes if n.get("CPU", 0) > 0 or n.get("GPU", 0) > 0]
+    if not nodes:
+        raise ValueError("the Ray cluster has no node with CPUs or GPUs")
+    gpus = sum(n.get("GPU", 0) for n in nodes)
     if device == "auto":
         device = "cuda" if gpus >= 1 else "cpu"
     if device == "cuda" and gpus < 1:
         raise ValueError("--device cuda, but the Ray cluster has no GPU")
-    if actors is None:
-        actors = int(gpus) if device == "cuda" else 1
-    if actors < 1:
-        raise ValueError(f"--actors must be at least 1, got {actors}")
-    # Leave at least one CPU's worth for decode/write tasks; below that, actors take fractions.
-    actor_cpus = 1.0 if cpus - actors >= 1 else max(0.25, (cpus - 0.5) / actors)
-    return Resources(device=device, actors=actors, actor_cpus=actor_cpus,
-                     actor_gpus=1.0 if device == "cuda" else 0.0,
-                     threads=threads or max(1, math.floor(actor_cpus)),
-                     task_cpus=0.5 if cpus >= 2 else 0.25, light_cpus=0.1)
+    for name, value in (("--actors", actors), ("--threads", threads), ("--max-actors", max_actors),
+                        ("--actors-per-gpu", actors_per_gpu)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if device == "cuda":
+        gpu_nodes = [n for n in nodes if n.get("GPU", 0) >= 1]
+        smallest = min(n.get("CPU", 0) for n in gpu_nodes) / max(n["GPU"] for n in gpu_nodes) / actors_per_gpu
+        actor_cpus = min(1.0, max(0.1, smallest - io_reserve(smallest)))
+        fits = sum(math.floor(n["GPU"] * actors_per_gpu) for n in gpu_nodes)
+        actor_gpus = 1.0 / actors_per_gpu
+        threads = threads or 1
+    else:
+        cpu_nodes = [n["CPU"] for n in nodes if n.get("CPU", 0) > 0]
+        usable = min(cpu_nodes) - io_reserve(min(cpu_nodes))
+        per_thread = threads or CPU_THREADS
+        if usable < 2 * per_thread:  # one actor per node: give it the node's usable CPUs
+            actor_cpus = usable
+            threads = threads or max(1, round(usable))
+        else:
+            actor_cpus, threads = float(per_thread), per_thread
+        fits = sum(max(0, math.floor((c - io_reserve(c)) / actor_cpus + 1e-9)) for c in cpu_nodes)
+        actor_gpus = 0.0
+    fits = max(1, fits)
+    if actors is not None:
+        low = high = actors
+    else:  # never below what the cluster holds now: Ray Data retires actors that idle while the reads start
+        high = max(max_actors or fits, 1)
+        low = min(fits, high)
+    return Resources(device=device, min_actors=low, max_actors=high, actor_cpus=actor_cpus,
+                     actor_gpus=actor_gpus, threads=threads, task_cpus=TASK_CPUS, light_cpus=LIGHT_CPUS)
 
 
-def build_dataset(plan_parts: list[str], run_id: str, run_uri: str, res: Resources, env: dict[str, str],
-                  max_output_pixels: int, precision: str, tile: int, clip_weights: str | None,
-                  image_timeout: float) -> ray.data.Dataset:
-    """The lazy dataset of one run; iterating it runs the job and yields one count row per manifest part."""
+def build_dataset(plan_parts: list[str], res: Resources, env: dict[str, str], max_output_pixels: int,
+                  precision: str, tile: int, clip_weights: str | None, image_timeout: float) -> ray.data.Dataset:
+    """The lazy dataset of one run; iterating it runs the job and yields the written (or failed) rows."""
     remote: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     ds = ray.data.from_items([{"part": uri} for uri in plan_parts], override_num_blocks=max(1, len(plan_parts)))
+    # Blocks of a few rows, so decode and write tasks run side by side with inference instead of
+    # one task working through a whole plan part. A repartition would do it in a task of a whole
+    # CPU, which a cluster of small nodes, each holding an actor, never has free: the job hangs.
+    ds.context.target_max_block_size = PLAN_BLOCK_BYTES
+    # The least busy actor takes the next image, wherever its input was decoded: with locality on,
+    # a node's actor takes every image decoded there while it keeps up, and the others idle.
+    ds.context.execution_options.actor_locality_enabled = False
+    # Start when the pool's first actors are all up, not when the fastest is: otherwise a short run
+    # is done by the first actor before the others have loaded torch.
+    ds.context.wait_for_min_actors_s = ACTOR_START_S
     ds = ds.map_batches(read_plan_parts, batch_size=1, batch_format="pyarrow", num_cpus=res.light_cpus, **remote)
-    ds = ds.repartition(target_num_rows_per_block=ROWS_PER_BLOCK)
     ds = ds.map_batches(decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=res.task_cpus,
                         fn_kwargs={"max_output_pixels": max_output_pixels}, **remote)
+    pool = ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors)
     ds = ds.map_batches(
-        InferStage, batch_size=1, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=res.actors),
+        InferStage, batch_size=1, batch_format="pyarrow", compute=pool,
         num_cpus=res.actor_cpus, num_gpus=res.actor_gpus or None,
         fn_constructor_kwargs={"device": res.device, "precision": precision, "tile": tile,
                                "clip_weights": clip_weights, "threads": res.threads,
                                "image_timeout": image_timeout},
         **remote)
-    ds = ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=res.task_cpus, **remote)
-    return ds.map_batches(manifest_batch, batch_size=MANIFEST_ROWS_PER_PART, batch_format="pyarrow",
-                          num_cpus=res.light_cpus, fn_kwargs={"run_id": run_id, "run_uri": run_uri}, **remote)
+    return ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=res.task_cpus, **remote)
 
 
-def execute(ds: ray.data.Dataset, on_progress: Callable[[Counter], None]) -> Counter:
-    """Run the dataset, streaming the per-part counts back; returns the totals."""
+def execute(ds: ray.data.Dataset, writer: ManifestWriter, on_progress: Callable[[Counter], None]) -> Counter:
+    """Run the dataset, handing every row to the manifest writer as it arrives; returns the totals
+    (``ok``, ``failed``, ``rows``). The last part is written before this returns."""
     totals: Counter = Counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for row in batch.to_pylist():
-            totals.update({"ok": row["ok"], "failed": row["failed"], "rows": row["rows"]})
+        statuses = writer.add(batch)
+        totals.update(statuses)
+        totals["rows"] += sum(statuses.values())
         on_progress(totals)
+    writer.close()
     return totals

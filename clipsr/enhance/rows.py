@@ -32,6 +32,7 @@ _ADDED = [
     ("sharpness_output", pa.float64()), ("sharpness_gain", pa.float64()), ("clipping_ratio", pa.float64()),
     ("read_s", pa.float64()), ("decode_s", pa.float64()), ("infer_s", pa.float64()),
     ("encode_s", pa.float64()), ("write_s", pa.float64()),
+    ("precision", pa.string()), ("infer_node_id", pa.string()), ("infer_node_ip", pa.string()),
     # payloads, cleared once the output is written
     ("lr", pa.large_binary()), ("alpha", pa.large_binary()), ("sr", pa.large_binary()),
     ("icc_profile", pa.large_binary()), ("exif", pa.large_binary()),

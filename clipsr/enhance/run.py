@@ -6,7 +6,8 @@ Order of events (each step's output is what makes the next one safe to rerun):
 2. take the lock on the output prefix, register the run in the index (``in_progress``);
 3. plan on the driver (plan.py): every listed key becomes a plan row, or a skipped/failed
    manifest row written at once;
-4. run the Ray Data pipeline over the plan: each output is committed, then its manifest row;
+4. run the Ray Data pipeline over the plan: each output is committed, then its row streams back to
+   the driver, which writes the manifest in parts every ``--commit-every`` seconds;
 5. fold this run's ok rows (and those of earlier unfinished runs) into a new index generation;
 6. remove the plan, release the lock, print one summary line.
 
@@ -40,6 +41,8 @@ from clipsr.enhance.routing import Router, build_router, resolve_model
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED_ABOVE_THRESHOLD = 0, 1, 2
+#: Seconds between progress lines (a line also comes when the last image is done).
+PROGRESS_EVERY_S = 5.0
 
 
 @dataclass
@@ -152,13 +155,12 @@ def _run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int, lo
             plan_parts = sink.close()
             totals = Counter(counts.statuses)
             if plan_parts:
-                done = _run_pipeline(opts, layout, plan_parts, counts.to_process, progress)
+                done = _run_pipeline(opts, layout, plan_parts, counts.to_process, lock, progress)
                 if done["rows"] != counts.to_process:
                     raise RuntimeError(f"the pipeline returned {done['rows']} manifest rows for "
                                        f"{counts.to_process} planned inputs")
                 totals.update({"ok": done["ok"], "failed": done["failed"]})
-            if lock.lost:
-                raise RuntimeError(f"lost the run lock {layout.lock} to another run; the index was not updated")
+            _check_lock(lock, layout)
             idx.merge_run(db, layout.manifest_run())
             index.commit(db, layout.run_id, [r["run_id"] for r in unfinished] + [layout.run_id])
         finally:
@@ -169,31 +171,44 @@ def _run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int, lo
     return _finish(opts, layout, counts.listed, totals)
 
 
-def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str], total: int,
+def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str], total: int, lock: RunLock,
                   progress: TextIO | None) -> Counter:
     import ray
 
     from clipsr.enhance import pipeline
+    from clipsr.enhance.manifest import ManifestWriter
 
     started_here = init_ray(dashboard=False)
     try:
-        res = pipeline.plan_resources(ray.cluster_resources(), opts.device, opts.actors, opts.threads)
-        log.info("inference: %d actor(s) on %s, %.2g CPU and %d torch thread(s) each; I/O tasks %.2g CPU",
-                 res.actors, res.device, res.actor_cpus, res.threads, res.task_cpus)
-        ds = pipeline.build_dataset(plan_parts, layout.run_id, layout.manifest_run(), res, worker_env(),
-                                    opts.max_output_pixels, opts.precision, opts.tile,
-                                    _absolute_spec(opts.clip_weights), opts.image_timeout)
-        start = time.monotonic()
+        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+        res = pipeline.plan_resources(nodes, opts.device, opts.actors, opts.threads, opts.max_actors,
+                                      opts.actors_per_gpu)
+        log.info("inference: %s", res.describe())
+        ds = pipeline.build_dataset(plan_parts, res, worker_env(), opts.max_output_pixels, opts.precision,
+                                    opts.tile, _absolute_spec(opts.clip_weights), opts.image_timeout)
+        writer = ManifestWriter(layout.run_id, layout.manifest_run(), fence=lambda: _check_lock(lock, layout),
+                                every_s=opts.commit_every)
+        start = last = time.monotonic()
 
         def report(done: Counter) -> None:
-            rate = done["rows"] / max(time.monotonic() - start, 1e-9)
+            nonlocal last
+            now = time.monotonic()
+            if now - last < PROGRESS_EVERY_S and done["rows"] < total:
+                return
+            last = now
+            rate = done["rows"] / max(now - start, 1e-9)
             print(f"clipsr enhance: {done['rows']}/{total} processed (ok {done['ok']}, failed {done['failed']}), "
                   f"{rate:.2f} images/s", file=progress or sys.stderr, flush=True)
 
-        return pipeline.execute(ds, report)
+        return pipeline.execute(ds, writer, report)
     finally:
         if started_here:
             ray.shutdown()
+
+
+def _check_lock(lock: RunLock, layout: RunLayout) -> None:
+    if lock.lost:
+        raise RuntimeError(f"lost the run lock {layout.lock} to another run; stopped writing")
 
 
 def _finish(opts: EnhanceOptions, layout: RunLayout, listed: int, totals: Counter) -> RunResult:
