@@ -10,11 +10,14 @@ command line takes it, is one of:
 - a checkpoint path or URI (local, ``file://``, ``s3://``...).
 
 Adapted models are deltas on a source model: loading one loads its parent too, and checks the
-parent's content hash against the one recorded, so a renamed or retrained source is caught.
+parent's content hash against the one recorded, so a renamed or retrained source is caught. A
+delta in a registry finds its parent first by file hash in the registry's own copies (verified on
+read), and only then by the locator it recorded, so moving or deleting the source breaks nothing.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from functools import lru_cache
 from pathlib import Path
@@ -60,22 +63,34 @@ def create_model(arch: str, scale: int) -> CDASR:
     return CDASR(scale=scale, **get_model_config(arch))
 
 
-def checkpoint_uri(spec: str) -> str:
-    """Where a model spec's checkpoint lives: bundled names and registry references resolved."""
+def _locate(spec: str) -> tuple[str, str | None]:
+    """A model spec's checkpoint URI, and the registry it lies in if the spec is a reference."""
     if spec in BUNDLED:
         path = WEIGHTS_DIR / f"{BUNDLED[spec]}.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"the bundled model {spec!r} is not installed ({path} is missing)")
-        return str(path)
+        return str(path), None
     from clipsr.registry import resolve_ref
 
     entry = resolve_ref(spec)
-    return entry.model_uri if entry is not None else spec
+    return (entry.model_uri, entry.registry) if entry is not None else (spec, None)
+
+
+def checkpoint_uri(spec: str) -> str:
+    """Where a model spec's checkpoint lives: bundled names and registry references resolved."""
+    return _locate(spec)[0]
 
 
 def load_checkpoint(spec: str) -> tuple[CDASR, dict[str, Any]]:
     """The network and metadata a model spec names (deltas applied onto their verified parent)."""
-    uri = checkpoint_uri(spec)
+    model, meta, _ = load_checkpoint_files(spec)
+    return model, meta
+
+
+def load_checkpoint_files(spec: str) -> tuple[CDASR, dict[str, Any], list[bytes]]:
+    """:func:`load_checkpoint`, plus the bytes of the file read and of each parent it was applied
+    onto, nearest first: what a registry keeps so that a delta on this model stays loadable."""
+    uri, registry = _locate(spec)
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
@@ -83,19 +98,47 @@ def load_checkpoint(spec: str) -> tuple[CDASR, dict[str, Any]]:
             f"model {spec!r} not found: expected 'bicubic', one of {sorted(BUNDLED)}, "
             "a registry reference REGISTRY/DOMAIN[/vN], or a checkpoint path/URI"
         ) from None
+    return _from_file(data, uri, registry)
+
+
+def _from_file(data: bytes, uri: str, registry: str | None) -> tuple[CDASR, dict[str, Any], list[bytes]]:
     meta = read_metadata(data)
-    base = None
+    base, files = None, [data]
     if meta["kind"] == "delta":
         parent = meta["parent"]
-        base, parent_meta = load_checkpoint(meta["parent_spec"])
+        base, parent_meta, parent_files, where = _load_parent(meta, registry)
         if parent_meta["weights_sha256"] != parent["weights_sha256"]:
             raise CheckpointError(
-                f"{meta['id']} was adapted from {parent['id']}, but {meta['parent_spec']!r} now holds "
+                f"{meta['id']} was adapted from {parent['id']}, but {where!r} now holds "
                 f"{parent_meta['id']}; pass the original source model"
             )
+        files += parent_files
     model, meta = from_bytes(data, base=base)
     meta["source_uri"] = uri
-    return model, meta
+    return model, meta, files
+
+
+def _load_parent(meta: dict[str, Any], registry: str | None) -> tuple[CDASR, dict[str, Any], list[bytes], str]:
+    """A delta's parent and where it was found: the registry's copy named by the parent's file
+    hash if there is one, else the locator recorded (registries written before copies were kept)."""
+    file_sha = meta["parent"].get("file_sha256")
+    if registry is not None and file_sha is not None:
+        from clipsr.registry import Registry
+
+        uri = Registry(registry).source_uri(file_sha)
+        try:
+            data = storage.read_bytes(uri)
+        except FileNotFoundError:
+            data = None
+        if data is not None:
+            found = hashlib.sha256(data).hexdigest()
+            if found != file_sha:  # as open_clip does with a cached download: never trust the name alone
+                raise CheckpointError(
+                    f"{meta['id']} needs its source model file sha256 {file_sha}, but the registry's copy "
+                    f"{uri} has sha256 {found}: the copy is damaged; restore it from the original file"
+                )
+            return (*_from_file(data, uri, registry), uri)
+    return (*load_checkpoint_files(meta["parent_spec"]), meta["parent_spec"])
 
 
 def encode_checkpoint(

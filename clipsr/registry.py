@@ -4,6 +4,7 @@ can be read; publishing needs the conditional writes of local disks or S3).
 Layout below the registry URI ``REGISTRY``::
 
     REGISTRY/_registry.json                      {"schema": "clipsr/registry/v1"}: marks a registry
+    REGISTRY/_sources/<sha256>.safetensors       source models adapted from, content-addressed
     REGISTRY/<domain>/objects/<sha256>.safetensors  model files, content-addressed
     REGISTRY/<domain>/versions/v<N>.json         entry documents (schemas/registry-entry.schema.json)
     REGISTRY/<domain>/CURRENT                    {"version": N, "updated": ..., "previous": M}
@@ -19,8 +20,14 @@ Why it cannot be corrupted by concurrent writers:
   it forward (a newer current version is left alone, as if the two had published in order);
   ``set_current`` moves it anywhere, a deliberate rollback.
 
-A crash between the steps leaves at worst an unreferenced model file, or an entry marked promoted
-that ``CURRENT`` does not name yet: ``CURRENT`` alone says what is current.
+Deltas depend on their source model, so the registry keeps its own copy of it under ``_sources/``
+(named by the hash of its file, which the entry's ``source_model.file_sha256`` and the delta's
+``parent.file_sha256`` record): deleting or re-exporting the file adapted from breaks nothing.
+Entries written before these copies existed have no ``file_sha256`` and resolve their source by
+the path they recorded. The leading ``_`` cannot clash with a domain name.
+
+A crash between the steps leaves at worst an unreferenced model or source file, or an entry marked
+promoted that ``CURRENT`` does not name yet: ``CURRENT`` alone says what is current.
 
 References: ``REGISTRY/DOMAIN`` is that domain's current version, ``REGISTRY/DOMAIN/vN`` a given
 one. Domain names are 1 to 64 of ``A-Z a-z 0-9 . _ -`` starting with a letter or digit, and not
@@ -34,7 +41,7 @@ import json
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -46,6 +53,8 @@ log = logging.getLogger(__name__)
 
 ENTRY_SCHEMA = "clipsr/registry-entry/v1"
 MARKER = "_registry.json"
+SOURCES = "_sources"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MARKER_BYTES = json.dumps({"schema": "clipsr/registry/v1"}).encode() + b"\n"
 _DOMAIN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _VERSION_LIKE = re.compile(r"^v[0-9]+$")
@@ -125,6 +134,12 @@ class Registry:
 
     def _current_uri(self, domain: str) -> str:
         return storage.join(self._domain_uri(domain), "CURRENT")
+
+    def source_uri(self, file_sha256: str) -> str:
+        """Where the registry keeps the source model file whose bytes hash to ``file_sha256``."""
+        if not isinstance(file_sha256, str) or not _SHA256.match(file_sha256):
+            raise ValueError(f"a source model is named by 64 lowercase hex digits of SHA-256, got {file_sha256!r}")
+        return storage.join(self.uri, f"{SOURCES}/{file_sha256}.safetensors")
 
     # --- reading ---
 
@@ -231,22 +246,27 @@ class Registry:
     # --- writing ---
 
     def publish(self, domain: str, model_bytes: bytes, entry: dict[str, Any],
-                centroid: np.ndarray | None = None, promote: bool = False) -> Entry:
+                centroid: np.ndarray | None = None, promote: bool = False,
+                sources: Sequence[bytes] = ()) -> Entry:
         """Store a model and its entry as the next version of ``domain``; make it current if
         ``promote`` (and no newer version is current already).
 
         ``entry`` holds the lineage (model id and kind, source_model, clip_encoder, exemplars,
         settings, scores, seconds, code_revision, reason); the registry fills in schema, domain,
         version, created, promoted, model uri and file_sha256 (refusing a differing value for
-        any of them) and the centroid from its argument. Everything is checked (ConfigError if the
-        result does not match the schema, ValueError for credentials or NaN) before anything is
-        written. Returns the entry as written; it may not be current (see ``promoted``).
+        any of them) and the centroid from its argument. ``sources`` are the file of the source
+        model and of each parent it is a delta on, nearest first: each is kept under ``_sources/``
+        and the first one's hash becomes ``source_model.file_sha256``. Everything is checked
+        (ConfigError if the result does not match the schema, ValueError for credentials or NaN)
+        before anything is written. Returns the entry as written; it may not be current (see
+        ``promoted``).
         """
-        doc = self._document(domain, model_bytes, entry, centroid, promote)
+        doc = self._document(domain, model_bytes, entry, centroid, promote, sources)
         self._mark()
-        obj = storage.join(self._domain_uri(domain), doc["model"]["uri"])
-        if not storage.exists(obj) and not storage.write_bytes_if_absent(obj, model_bytes):
-            raise RegistryError(f"{obj} holds other bytes than its name says: the registry is damaged")
+        # The sources first: a published entry never names a copy that is not there yet.
+        for data in sources:
+            _put_object(self.source_uri(hashlib.sha256(data).hexdigest()), data)
+        _put_object(storage.join(self._domain_uri(domain), doc["model"]["uri"]), model_bytes)
         version = max(self._version_numbers(domain), default=0) + 1
         for _ in range(MAX_ATTEMPTS):
             doc["version"] = version
@@ -277,7 +297,7 @@ class Registry:
         self._marked = True
 
     def _document(self, domain: str, model_bytes: bytes, entry: dict[str, Any],
-                  centroid: np.ndarray | None, promote: bool) -> dict[str, Any]:
+                  centroid: np.ndarray | None, promote: bool, sources: Sequence[bytes]) -> dict[str, Any]:
         validate_domain(domain)
         if not isinstance(entry, dict):
             raise TypeError(f"entry must be a dict, got {type(entry).__name__}")
@@ -300,6 +320,12 @@ class Registry:
             if key in model and model[key] != value:
                 raise ValueError(f"entry['model'][{key!r}] is {model[key]!r}, but the model bytes give {value!r}")
             model[key] = value
+        source = doc.get("source_model")
+        if sources and isinstance(source, dict):
+            value = hashlib.sha256(sources[0]).hexdigest()
+            if source.setdefault("file_sha256", value) != value:
+                raise ValueError(f"entry['source_model']['file_sha256'] is {source['file_sha256']!r}, but "
+                                 f"the source bytes give {value!r}")
         _check_no_secrets(doc)
         validate(doc, "registry-entry")
         _dumps(doc)  # fail before writing anything if it is not valid JSON (NaN, ...)
@@ -323,6 +349,12 @@ class Registry:
             elif storage.write_bytes_if_match(uri, data, state[1]):
                 return True
         raise RegistryConflictError(f"lost {MAX_ATTEMPTS} races to move {uri}")
+
+
+def _put_object(uri: str, data: bytes) -> None:
+    """Store content-addressed bytes under ``uri``, unless they are there already."""
+    if not storage.exists(uri) and not storage.write_bytes_if_absent(uri, data):
+        raise RegistryError(f"{uri} holds other bytes than its name says: the registry is damaged")
 
 
 def _centroid_list(centroid: np.ndarray | None) -> list[float] | None:

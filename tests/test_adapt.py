@@ -150,6 +150,87 @@ def test_an_adapted_domain_is_evaluated_and_routed_by_reference(source, tmp_path
     assert (route.domain, route.model.version, route.model.id) == ("maps", f"v{row['version']}", row["model_id"])
 
 
+@pytest.mark.slow
+def test_a_delta_outlives_the_file_it_was_adapted_from(ray_local, s3_bucket, source, tmp_path, capsys):
+    """Adapt from a copy of the source, re-export another model over the copy, then delete it:
+    the registry resolves the delta against its own copy of the source, and refuses a damaged one."""
+    import hashlib
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from clipsr.adapt.run import adapt_one
+    from clipsr.cli import main
+    from clipsr.registry import Registry
+
+    folder = _domain(str(tmp_path / "data"), "manga", n=5)
+    copied = tmp_path / "src.safetensors"
+    shutil.copyfile(source, copied)
+    registry = f"{s3_bucket}/registry"
+    row = adapt_one(DomainSpec.shorthand(f"manga={folder}", 4, 2), str(copied), SETTINGS, registry,
+                    {"arch": "color-stats"}, threads=1)
+    assert row["status"] == "ok" and row["scope"] == "adaptive+bias", row
+    reg = Registry(registry)
+    reg.set_current("manga", row["version"])
+    entry = reg.get("manga", row["version"])
+    file_sha = hashlib.sha256(copied.read_bytes()).hexdigest()
+    assert entry.doc["model"]["kind"] == "delta" and entry.doc["source_model"]["file_sha256"] == file_sha
+    assert storage.read_bytes(reg.source_uri(file_sha)) == copied.read_bytes()
+    assert reg.domains() == ["manga"]  # the source copies are not a domain
+    assert main(["registry", "list", registry]) == 0 and "_sources" not in capsys.readouterr().out
+
+    def evaluate(ref: str) -> int:
+        return main(["evaluate", "--model", ref, "--scale", "2", "--data", f"manga={folder}", "--skip-first", "4",
+                     "--report", str(tmp_path / "r.json")])
+
+    ref = f"{registry}/manga/v{row['version']}"
+    torch.manual_seed(1)
+    save_checkpoint(str(copied), create_model("cdasr-tiny", 2), "cdasr-tiny")  # re-exported over the source
+    assert evaluate(ref) == 0
+    copied.unlink()
+    assert evaluate(ref) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["model"]["id"] == row["model_id"]
+
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    storage.write_bytes_atomic(str(inputs / "page.png"), _png(101, grey=True))
+    code = main(["enhance", "--input", str(inputs), "--output", str(out), "--models", registry, "--domain", "manga",
+                 "--model", "bicubic", "--scale", "2", "--threads", "1", "--device", "cpu"])
+    rows = pq.read_table(str(out / "_manifests")).to_pylist()
+    assert [(r["status"], r["error"], r["model_id"]) for r in rows] == [("ok", None, row["model_id"])]
+    assert code == 0
+
+    # a copy whose bytes no longer match its name is refused, naming both hashes
+    damaged = b"not the source model"
+    storage.write_bytes_atomic(reg.source_uri(file_sha), damaged)
+    capsys.readouterr()
+    assert evaluate(ref) == 1
+    err = capsys.readouterr().err
+    assert file_sha in err and hashlib.sha256(damaged).hexdigest() in err
+
+
+def test_a_registry_delta_without_a_source_copy_still_finds_its_source_by_path(source, tmp_path):
+    """Entries published before the registry kept source copies name their source only by locator."""
+    from clipsr.factory import encode_checkpoint
+    from clipsr.registry import Registry
+
+    model, meta = load_checkpoint(source)
+    with torch.no_grad():
+        model.adaptive.fusion.bias.add_(0.1)
+    parent = {"id": meta["id"], "weights_sha256": meta["weights_sha256"]}  # no file_sha256: written before copies
+    data, dmeta = encode_checkpoint(model, "cdasr-tiny", parent=parent, parent_spec=source,
+                                    delta_keys=model.adaptation_names("adaptive"))
+    registry = str(tmp_path / "registry")
+    Registry(registry).publish("manga", data, {
+        "model": {"id": dmeta["id"], "kind": "delta", "weights_sha256": dmeta["weights_sha256"]},
+        "source_model": {"id": meta["id"], "weights_sha256": meta["weights_sha256"], "spec": source},
+        "clip_encoder": None, "exemplars": [{"uri": "manga/00.png", "sha256": "b" * 64}], "settings": {},
+        "scores": {}, "seconds": 1.0, "code_revision": "0123abc", "reason": "test"}, promote=True)
+    assert not (tmp_path / "registry" / "_sources").exists()
+    loaded, _ = load_checkpoint(f"{registry}/manga")
+    torch.testing.assert_close(loaded.adaptive.fusion.bias, model.adaptive.fusion.bias)
+
+
 def test_the_candidate_best_on_heldout_shots_is_trained_on_and_a_harmful_one_never_promoted(source):
     model, meta = load_checkpoint(source)
     shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(4)]

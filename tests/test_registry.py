@@ -127,6 +127,26 @@ def test_entries_are_reloaded_by_a_fresh_registry_with_their_lineage(root):
     assert Registry(root).domains() == ["urban"]
 
 
+def test_source_models_are_kept_by_content_hash_outside_every_domain(root):
+    reg = Registry(root)
+    reg.publish("manga", b"delta-1", lineage(), sources=[b"source", b"its parent"], promote=True)
+    reg.publish("urban", b"delta-2", lineage(), sources=[b"source"], promote=True)  # shared: one copy
+    doc = reg.get("manga", 1).doc
+    assert doc["source_model"] == {**lineage()["source_model"], "file_sha256": sha(b"source")}
+    assert storage.read_bytes(reg.source_uri(sha(b"source"))) == b"source"
+    assert storage.read_bytes(reg.source_uri(sha(b"its parent"))) == b"its parent"
+    assert Registry(root).domains() == ["manga", "urban"]
+    with pytest.raises(ValueError, match="64 lowercase hex"):
+        reg.source_uri("../manga/CURRENT")
+
+
+def test_a_source_hash_that_does_not_match_the_source_is_refused(tmp_path):
+    source = {**lineage()["source_model"], "file_sha256": "0" * 64}
+    with pytest.raises(ValueError, match=f"the source bytes give '{sha(b'source')}'"):
+        Registry(str(tmp_path / "registry")).publish("manga", b"w", lineage(source_model=source), sources=[b"source"])
+    assert not (tmp_path / "registry").exists()
+
+
 def test_publishing_never_overwrites_an_existing_version(root):
     reg = Registry(root)
     reg.publish("manga", b"w1", lineage(), promote=True)

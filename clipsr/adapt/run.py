@@ -22,7 +22,7 @@ from clipsr import imaging, storage
 from clipsr.adapt.fast import adapt_domain, resolve_precision
 from clipsr.adapt.settings import AdaptSettings
 from clipsr.adapt.spec import DomainSpec
-from clipsr.factory import encode_checkpoint, load_checkpoint
+from clipsr.factory import encode_checkpoint, load_checkpoint_files
 from clipsr.provenance import code_revision, utc_now
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def adapt_one(
     t0 = time.perf_counter()
     row: dict[str, Any] = {"domain": spec.name, "status": "failed"}
     try:
-        source, smeta = load_checkpoint(source_spec)
+        source, smeta, source_files = load_checkpoint_files(source_spec)
         if spec.scale is not None and spec.scale != source.scale:
             raise ValueError(f"domain asks for x{spec.scale}, the source model is x{source.scale}")
         uris = spec.exemplar_uris()
@@ -85,7 +85,9 @@ def adapt_one(
         data, meta = encode_checkpoint(
             result.model, smeta["arch"]["name"], clip_encoder=smeta["clip_encoder"],
             training_data={"domain": spec.name, "exemplars": exemplars},
-            parent={"id": smeta["id"], "weights_sha256": smeta["weights_sha256"]}, parent_spec=source_spec,
+            parent={"id": smeta["id"], "weights_sha256": smeta["weights_sha256"],
+                    "file_sha256": hashlib.sha256(source_files[0]).hexdigest()},
+            parent_spec=source_spec,
             metrics=scores, settings=chosen,
             delta_keys=None if result.scope == "all" else result.model.adaptation_names(result.scope),
         )
@@ -107,7 +109,9 @@ def adapt_one(
                        + ("" if promoted else ": not better, kept but not promoted")),
             "notes": spec.notes,
         }
-        published = Registry(registry_uri).publish(spec.name, data, entry, centroid=centroid, promote=promoted)
+        # The registry keeps the source files, so the delta outlives the file it was adapted from.
+        published = Registry(registry_uri).publish(spec.name, data, entry, centroid=centroid, promote=promoted,
+                                                   sources=source_files)
         row.update(
             status="ok", version=published.version, ref=published.ref, promoted=promoted,
             heldout_psnr_y_before=result.heldout_before, heldout_psnr_y_after=result.heldout_after,
