@@ -33,6 +33,7 @@ from clipsr.enhance.routing import (
 )
 from clipsr.enhance.write import write_batch
 from clipsr.factory import create_model, save_checkpoint
+from clipsr.provenance import REVISION_ENV, code_revision
 from clipsr.ray_runtime import worker_env
 
 RUN = "20261126T221500Z-abc123"
@@ -194,12 +195,14 @@ def test_workers_get_the_storage_endpoint_but_never_credentials(monkeypatch):
                         "AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "secret",
                         "AWS_SESSION_TOKEN": "token"}.items():
         monkeypatch.setenv(name, value)
-    # Ray writes runtime_env values into its logs: only what is not a secret may go there.
-    assert worker_env() == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1"}
+    # Ray writes runtime_env values into its logs: only what is not a secret may go there. The
+    # driver's code revision goes too: workers have no git checkout to find it in.
+    assert worker_env() == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+                            REVISION_ENV: code_revision()}
     # Under `ray job submit` the job's runtime env may set one of them already: Ray refuses a
     # ray.init that sets it again, so the driver leaves it to the job's.
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
-                       json.dumps({"runtime_env": {"env_vars": {"AWS_DEFAULT_REGION": "eu-west-1"}}}))
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"env_vars": {"AWS_DEFAULT_REGION": "eu-west-1", REVISION_ENV: "0123abc"}}}))
     assert worker_env() == {"AWS_ENDPOINT_URL": "http://minio:9000"}
 
 
