@@ -12,7 +12,11 @@ Decisions worth knowing:
 - Only PNG, JPEG, WEBP, TIFF and BMP are opened; Pillow's exotic plugins (EPS shells out to
   Ghostscript) are never reached from archive bytes.
 - EXIF orientation is applied to the pixels (ImageOps.exif_transpose semantics) and the
-  Orientation tag is removed from the EXIF that is kept for the output.
+  Orientation tag is removed from the EXIF that is kept for the output. A TIFF's own descriptive
+  tags and its Exif/GPS sub-directories count as its EXIF, whichever decoder reads its pixels.
+- EXIF is written where the format has room (`EXIF_FORMATS`: all but BMP). 16-bit TIFF gets the
+  descriptive tags and the Exif/GPS sub-directories, as 8-bit TIFF does; other first-directory tags
+  (resolution, XMP) are not carried into it.
 - 16-bit colour: Pillow reduces 16-bit colour PNG/TIFF to 8 bits. TIFF is read with tifffile;
   PNG (and TIFF that tifffile cannot decompress without imagecodecs, such as LZW) is read by
   running Pillow's own decoder twice, once unpacking the high bytes and once the low bytes of each
@@ -51,6 +55,7 @@ DECODE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
 ENCODE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
 SIXTEEN_BIT_FORMATS = frozenset({"PNG", "TIFF"})
 ALPHA_FORMATS = frozenset({"PNG", "WEBP", "TIFF"})
+EXIF_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "TIFF"})
 
 FORMAT_BY_EXTENSION = {
     ".png": "PNG",
@@ -415,8 +420,22 @@ def _decode_tiff_only(data: bytes, max_pixels: int) -> Decoded:
     orientation = meta["orientation"] if 1 <= meta["orientation"] <= 8 else 1
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[values.shape[2]]
     depth = 16 if values.dtype == np.uint16 else 8
-    return _finish(_orient(values, orientation), depth, "TIFF", mode, meta["icc_profile"], None,
-                   orientation, notes)
+    return _finish(_orient(values, orientation), depth, "TIFF", mode, meta["icc_profile"],
+                   _tiff_only_exif(data, notes), orientation, notes)
+
+
+def _tiff_only_exif(data: bytes, notes: list[str]) -> bytes | None:
+    """The EXIF of a TIFF Pillow cannot open: Pillow's EXIF reader still parses its tags."""
+    if data[2:4] not in (b"*\x00", b"\x00*"):
+        notes.append("EXIF not read (BigTIFF)")
+        return None
+    try:
+        source = Image.Exif()
+        source.load(data)  # a classic TIFF's first directory reads as an EXIF block
+        return _tiff_exif(source)
+    except Exception as e:  # noqa: BLE001  a broken EXIF block must not fail a good image
+        notes.append(f"unreadable EXIF ignored ({_short(e)})")
+        return None
 
 
 def _orientation_and_exif(im: Image.Image, notes: list[str]) -> tuple[int, bytes | None]:
@@ -498,7 +517,7 @@ def encode(pixels: np.ndarray, alpha: np.ndarray | None, format: str, bit_depth:
 
     Values outside [0, 1] saturate. bit_depth 16 is written for PNG and TIFF and silently becomes 8
     for the 8-bit-only formats. JPEG and BMP composite alpha onto white. ICC and EXIF are kept where the
-    format has room (PNG, JPEG, WEBP, 8-bit TIFF; 16-bit TIFF keeps ICC but not EXIF; BMP neither).
+    format has room (all but BMP, which keeps neither: see `EXIF_FORMATS`).
     """
     fmt = normalise_format(format)
     _check_arrays(pixels, alpha)
@@ -513,7 +532,7 @@ def encode(pixels: np.ndarray, alpha: np.ndarray | None, format: str, bit_depth:
     stacked = pixels if alpha is None else np.concatenate([pixels, alpha[..., None]], axis=2)
     if bit_depth == 16:
         values = to_uint16(stacked)
-        return _png16(values, icc_profile, exif) if fmt == "PNG" else _tiff16(values, icc_profile)
+        return _png16(values, icc_profile, exif) if fmt == "PNG" else _tiff16(values, icc_profile, exif)
     return _pillow_encode(to_uint8(stacked), fmt, icc_profile, exif, quality)
 
 
@@ -557,20 +576,66 @@ def _pillow_encode(values: np.ndarray, fmt: str, icc: bytes | None, exif: bytes 
     return buf.getvalue()
 
 
-def _tiff16(values: np.ndarray, icc: bytes | None) -> bytes:
+def _tiff16(values: np.ndarray, icc: bytes | None, exif: bytes | None) -> bytes:
+    """A 16-bit TIFF via tifffile (Pillow cannot write 16-bit colour), with the EXIF's descriptive
+    tags in its directory and its Exif/GPS sub-directories linked from there."""
     c = values.shape[2]
+    source = Image.Exif()
+    if exif:
+        source.load(exif)
+    tags = [(tag, "s", 0, _tiff_ascii(source[tag]), True)
+            for tag in _TIFF_DESCRIPTIVE_TAGS if isinstance(source.get(tag), (str, bytes))]
+    pointers = [p for p in _EXIF_SUB_IFDS if source.get_ifd(p)]
+    # Placeholders for the sub-directory offsets, filled in below. tifffile refuses these tags
+    # by number, since it cannot write their directories itself, but takes them by name.
+    tags += [(tifffile.TIFF.TAGS[p], "I", 1, 0, True) for p in pointers]
     buf = io.BytesIO()
     tifffile.imwrite(
         buf,
         values[..., 0] if c == 1 else values,
+        byteorder="<",
         photometric="rgb" if c in (3, 4) else "minisblack",
         planarconfig="contig" if c > 1 else None,
         extrasamples=("unassalpha",) if c in (2, 4) else None,
         compression="zlib",
         iccprofile=icc or None,
         metadata=None,
+        software=False if 305 in (t[0] for t in tags) else None,
+        extratags=tags,
     )
-    return buf.getvalue()
+    data = buf.getvalue()
+    return _append_sub_ifds(data, source, pointers) if pointers else data
+
+
+def _tiff_ascii(value: str | bytes) -> bytes:
+    # Pillow reads TIFF/EXIF ASCII as Latin-1: encoding it back gives the stored bytes again.
+    return value if isinstance(value, bytes) else value.encode("latin-1", "replace")
+
+
+def _append_sub_ifds(data: bytes, source: Image.Exif, pointers: list[int]) -> bytes:
+    """Append the Exif/GPS sub-directories of ``source`` to a little-endian classic TIFF and point
+    its first directory's placeholder tags at them."""
+    base = len(data) + len(data) % 2  # directories start on a word boundary
+    subs = Image.Exif()
+    subs.endian = "<"
+    for pointer in pointers:
+        subs.get_ifd(pointer).update(source.get_ifd(pointer))
+    # Pillow lays out a directory of just the pointers, then the sub-directories, for a file
+    # position of `base`; that directory is left unreferenced, the offsets in it are what is needed.
+    block = subs.tobytes(base)[len(b"Exif\x00\x00") + 8:]
+    offsets = {}
+    for i in range(struct.unpack_from("<H", block)[0]):
+        tag, _, _, value = struct.unpack_from("<HHII", block, 2 + 12 * i)
+        offsets[tag] = value
+    out = bytearray(data)
+    ifd = struct.unpack_from("<I", out, 4)[0]
+    for i in range(struct.unpack_from("<H", out, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        tag = struct.unpack_from("<H", out, entry)[0]
+        if tag in offsets:
+            struct.pack_into("<I", out, entry + 8, offsets[tag])
+    out += b"\x00" * (base - len(out))
+    return bytes(out + block)
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:

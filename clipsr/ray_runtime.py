@@ -2,7 +2,8 @@
 
 ``ray.init()`` with no address silently joins any Ray already running on the machine, and workers
 get that cluster's environment, not the driver's. So: join RAY_ADDRESS when it is set, otherwise
-start a fresh local Ray; and hand workers the storage settings they need explicitly.
+start a fresh local Ray; and hand workers the storage settings they need explicitly, and the
+code revision the driver resolved (workers have no git checkout to find it in).
 
 Credentials are *not* forwarded: Ray writes a runtime environment's variables into its own log
 files. A local Ray inherits them from the driver's environment; on a cluster they come from the
@@ -15,6 +16,8 @@ import logging
 import os
 
 import ray
+
+from clipsr.provenance import REVISION_ENV, code_revision
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +33,11 @@ JOB_CONFIG_VAR = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def worker_env() -> dict[str, str]:
-    """The forwarded settings, minus those the submitted job's runtime env already sets: Ray
-    refuses a ``ray.init`` that names an env var the job's runtime env names too."""
+    """The forwarded settings and the code revision, minus those the submitted job's runtime env
+    already sets: Ray refuses a ``ray.init`` that names an env var the job's runtime env names too."""
     job_env = json.loads(os.environ.get(JOB_CONFIG_VAR) or "{}").get("runtime_env", {}).get("env_vars") or {}
-    return {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k) and k not in job_env}
+    env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)} | {REVISION_ENV: code_revision()}
+    return {k: v for k, v in env.items() if k not in job_env}
 
 
 def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> bool:

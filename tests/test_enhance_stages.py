@@ -11,6 +11,7 @@ import zlib
 import numpy as np
 import pyarrow as pa
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
@@ -32,6 +33,7 @@ from clipsr.enhance.routing import (
 )
 from clipsr.enhance.write import write_batch
 from clipsr.factory import create_model, save_checkpoint
+from clipsr.provenance import REVISION_ENV, code_revision
 from clipsr.ray_runtime import worker_env
 
 RUN = "20261126T221500Z-abc123"
@@ -127,6 +129,30 @@ def test_stages_in_order_write_outputs_in_kind_and_valid_manifest_rows(tmp_path,
     assert {r["output_width"] for r in written} == {16, 10, 14}
 
 
+def test_exif_is_kept_where_the_output_format_can_hold_it_and_noted_where_not(tmp_path, tiny):
+    rng = np.random.default_rng(2)
+    exif = Image.Exif()
+    exif[0x013B] = "An Archivist"  # Artist
+    exif.get_ifd(0x8769)[0x9003] = "1999:12:31 23:59:59"  # DateTimeOriginal
+    jpeg = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).save(jpeg, "JPEG", exif=exif.tobytes())
+    tiff16 = io.BytesIO()
+    tifffile.imwrite(tiff16, rng.integers(0, 65535, (6, 8, 3), dtype=np.uint16), photometric="rgb",
+                     extratags=[(315, "s", 0, "An Archivist", True)])
+    files = {"scan16.tif": tiff16.getvalue(), "photo.jpg": jpeg.getvalue(), "photo-as-bmp.jpg": jpeg.getvalue()}
+    table = _plan_rows(tmp_path, files, tiny, fmt={"photo-as-bmp.jpg": "BMP"})
+    rows = _by_key(write_batch(InferStage(threads=1)(decode_batch(table, max_output_pixels=10**8))))
+    assert {r["status"] for r in rows.values()} == {"ok"}, [r["error"] for r in rows.values()]
+    kept = {}
+    for name in ("scan16.tif", "photo.jpg"):
+        kept[name] = Image.Exif()
+        kept[name].load(imaging.decode((tmp_path / "out" / name).read_bytes()).exif)
+        assert kept[name][0x013B] == "An Archivist" and not rows[name]["notes"]
+    assert kept["photo.jpg"].get_ifd(0x8769)[0x9003] == "1999:12:31 23:59:59"
+    assert rows["scan16.tif"]["output_bit_depth"] == 16
+    assert rows["photo-as-bmp.jpg"]["notes"] == "EXIF dropped (BMP has no place for it)"
+
+
 def test_inference_failures_are_rows_not_crashes(tmp_path, tiny):
     files = {"a.png": _png(np.zeros((6, 6, 3), np.uint8)), "b.png": _png(np.zeros((6, 6, 3), np.uint8))}
     table = decode_batch(_plan_rows(tmp_path, files, tiny), max_output_pixels=10**8)
@@ -195,12 +221,14 @@ def test_workers_get_the_storage_endpoint_but_never_credentials(monkeypatch):
                         "AWS_ACCESS_KEY_ID": "AKIA", "AWS_SECRET_ACCESS_KEY": "secret",
                         "AWS_SESSION_TOKEN": "token"}.items():
         monkeypatch.setenv(name, value)
-    # Ray writes runtime_env values into its logs: only what is not a secret may go there.
-    assert worker_env() == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1"}
+    # Ray writes runtime_env values into its logs: only what is not a secret may go there. The
+    # driver's code revision goes too: workers have no git checkout to find it in.
+    assert worker_env() == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1",
+                            REVISION_ENV: code_revision()}
     # Under `ray job submit` the job's runtime env may set one of them already: Ray refuses a
     # ray.init that sets it again, so the driver leaves it to the job's.
-    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR",
-                       json.dumps({"runtime_env": {"env_vars": {"AWS_DEFAULT_REGION": "eu-west-1"}}}))
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(
+        {"runtime_env": {"env_vars": {"AWS_DEFAULT_REGION": "eu-west-1", REVISION_ENV: "0123abc"}}}))
     assert worker_env() == {"AWS_ENDPOINT_URL": "http://minio:9000"}
 
 

@@ -276,10 +276,51 @@ def test_icc_profile_is_kept(fmt, bit_depth):
     assert out.icc_profile == icc
 
 
-@pytest.mark.parametrize("fmt,bit_depth", [("PNG", 8), ("PNG", 16), ("JPEG", 8), ("WEBP", 8), ("TIFF", 8)])
+@pytest.mark.parametrize("fmt,bit_depth", [("PNG", 8), ("PNG", 16), ("JPEG", 8), ("WEBP", 8), ("TIFF", 8),
+                                           ("TIFF", 16)])
 def test_exif_is_kept(fmt, bit_depth):
     out = decode(encode(np.full((4, 5, 3), 0.25, np.float32), None, fmt, bit_depth=bit_depth, exif=_exif()))
     assert _exif_tags(out.exif)[0x010F] == "clipsr-test-camera"
+    assert fmt in imaging.EXIF_FORMATS
+
+
+def test_bmp_has_no_room_for_exif():
+    assert "BMP" not in imaging.EXIF_FORMATS
+    out = decode(encode(np.full((4, 5, 3), 0.25, np.float32), None, "BMP", exif=_exif()))
+    assert out.exif is None
+
+
+def _archive_exif() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x013B] = "An Archivist"  # Artist
+    exif[0x0131] = "Scanner 2.1"  # Software
+    exif.get_ifd(0x8769)[0x9003] = "1999:12:31 23:59:59"  # DateTimeOriginal
+    exif.get_ifd(0x8825)[0x0002] = (51.0, 30.0, 12.5)  # GPSLatitude
+    return exif
+
+
+def _assert_archive_exif(raw: bytes) -> None:
+    kept = Image.Exif()
+    kept.load(raw)
+    assert kept[0x013B] == "An Archivist" and kept[0x0131] == "Scanner 2.1"
+    assert kept.get_ifd(0x8769)[0x9003] == "1999:12:31 23:59:59"
+    assert kept.get_ifd(0x8825)[0x0002] == (51.0, 30.0, 12.5)
+
+
+@pytest.mark.parametrize("channels", [1, 2, 3, 4])
+def test_16bit_tiff_keeps_exif_sub_directories(channels):
+    """tifffile writes 16-bit TIFFs; the Exif and GPS directories are linked in after it."""
+    pixels = RNG.random((5, 6, 1 if channels < 3 else 3)).astype(np.float32)
+    alpha = RNG.random((5, 6)).astype(np.float32) if channels in (2, 4) else None
+    data = encode(pixels, alpha, "TIFF", bit_depth=16, exif=_archive_exif().tobytes())
+    d = decode(data)  # 16-bit grey+alpha takes the tifffile-only path
+    assert d.bit_depth == 16 and not d.notes
+    np.testing.assert_array_equal(imaging.to_uint16(d.pixels), imaging.to_uint16(pixels))
+    _assert_archive_exif(d.exif)
+    with tifffile.TiffFile(io.BytesIO(data)) as tf:  # and other readers find it too
+        tags = tf.pages[0].tags
+        assert tags["Artist"].value == "An Archivist"
+        assert tags["ExifTag"].value["DateTimeOriginal"] == "1999:12:31 23:59:59"
 
 
 def test_multi_frame_takes_first_frame_with_note():
@@ -446,6 +487,18 @@ def test_tiff_only_path_applies_orientation_and_keeps_icc():
     d = decode(buf.getvalue())
     assert d.orientation == 6 and d.pixels.shape == (7, 4, 1) and d.icc_profile == _srgb_icc()
     np.testing.assert_array_equal(imaging.to_uint16(d.alpha), np.rot90(values[..., 1], -1))
+
+
+def test_tiff_only_path_keeps_exif():
+    """A third-party 16-bit grey+alpha TIFF (Pillow cannot open it): its descriptive tags are its EXIF."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, _u16(h=4, w=7, c=2), photometric="minisblack", planarconfig="contig",
+                     extrasamples=("unassalpha",), extratags=[(315, "s", 0, "An Archivist", True)],
+                     software="Scanner 2.1")
+    d = decode(buf.getvalue())
+    kept = Image.Exif()
+    kept.load(d.exif)
+    assert kept[0x013B] == "An Archivist" and kept[0x0131] == "Scanner 2.1" and 0x0100 not in kept
 
 
 def test_tiff_only_path_checks_max_pixels_first():

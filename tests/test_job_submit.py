@@ -30,6 +30,7 @@ from PIL import Image
 
 from clipsr import storage
 from clipsr.factory import create_model, encode_checkpoint
+from clipsr.provenance import REVISION_ENV, code_revision
 
 pytestmark = pytest.mark.slow
 
@@ -118,16 +119,17 @@ class Submitted:
     stderr: str
 
 
-def submit(head: Head, job: str, *args: str) -> Submitted:
+def submit(head: Head, job: str, *args: str, env: dict[str, str] | None = None) -> Submitted:
     """``ray job submit`` from the repository root, as the README shows; waits for the job.
 
+    ``env`` is set on the entrypoint (``NAME=value python jobs/...``), as docs/operations.md shows.
     Retried while the head's job agent is still starting ("No available agent").
     """
     for _ in range(30):
         job_id = f"clipsr-test-{secrets.token_hex(4)}"
         cmd = [RAY, "job", "submit", "--address", head.address, "--submission-id", job_id,
                "--working-dir", ".", "--runtime-env", "cluster/local-runtime-env.yaml",
-               "--", "python", f"jobs/{job}.py", *args]
+               "--", *(f"{k}={v}" for k, v in (env or {}).items()), "python", f"jobs/{job}.py", *args]
         done = subprocess.run(cmd, cwd=REPO, env=head.env, capture_output=True, text=True, timeout=600)
         if "No available agent" not in done.stdout + done.stderr:
             return Submitted(job_id, done.returncode, done.stdout, done.stderr)
@@ -209,13 +211,16 @@ def test_submitted_adaptation_publishes_to_the_registry(ray_head, s3_bucket):
         storage.write_bytes_atomic(f"{s3_bucket}/exemplars/photos/{i:02d}.png", _png(i, 112))
     registry = f"{s3_bucket}/registry"
 
+    # The upload has no .git: the submitter passes the revision, and the driver hands it to the
+    # worker that adapts and publishes.
     done = submit(ray_head, "adapt", "--source-model", f"{s3_bucket}/models/tiny-x2.safetensors",
                   "--domain", f"photos={s3_bucket}/exemplars/photos/", "--domain",
                   f"missing={s3_bucket}/exemplars/none/", "--shots", "4", "--scale", "2", "--out", registry,
-                  "--budget-seconds", "6", "--cpus-per-domain", "1")
+                  "--budget-seconds", "6", "--cpus-per-domain", "1", env={REVISION_ENV: code_revision()})
     summary = _summary(done, "adapt: ")
     assert done.returncode == 1 and summary.startswith("adapt: 1 ok, 1 failed"), done.stdout[-3000:]
     entry = json.loads(storage.read_bytes(f"{registry}/photos/versions/v1.json"))
     assert entry["source_model"]["weights_sha256"] and len(entry["exemplars"]) == 4
+    assert entry["code_revision"] == code_revision()
     assert not storage.exists(f"{registry}/missing/versions/v1.json")
     _no_secrets_in_logs(ray_head)

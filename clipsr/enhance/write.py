@@ -2,9 +2,9 @@
 
 Alpha is upscaled here, separately, with bicubic (the model enhances colour only). ICC profiles
 and EXIF (already without its orientation tag: the pixels are upright) are kept where the format
-has room. The object is written under its final, deterministic name by an atomic write, so a
-rerun overwrites instead of duplicating; its manifest row is written later, by the next stage,
-so an ok row never points at an output that is not there.
+has room; EXIF that cannot be kept is noted on the row. The object is written under its final,
+deterministic name by an atomic write, so a rerun overwrites instead of duplicating; its manifest
+row is written later, by the next stage, so an ok row never points at an output that is not there.
 """
 from __future__ import annotations
 
@@ -34,6 +34,8 @@ def encode_write(row: dict[str, Any]) -> None:
             alpha = np.clip(alpha[..., 0], 0.0, 1.0).astype(np.float32)
         else:
             R.add_note(row, f"alpha composited onto white ({fmt} has no alpha)")
+    if row["exif"] and fmt not in imaging.EXIF_FORMATS:
+        R.add_note(row, f"EXIF dropped ({fmt} has no place for it)")
     if int(row["input_bit_depth"]) == 16 and depth == 8:
         R.add_note(row, f"16-bit input written as 8-bit ({fmt} holds 8 bits)")
     data = imaging.encode(to_float(values), alpha, fmt, bit_depth=depth,
