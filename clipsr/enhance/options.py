@@ -34,6 +34,7 @@ class EnhanceOptions:
     actors: int | None = None
     threads: int | None = None
     lock_ttl: float = 600.0
+    allow_unconditional_writes: bool = False
 
     def check(self) -> None:
         if not -1.0 <= self.route_threshold <= 1.0:
@@ -102,4 +103,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--actors", type=int, help="inference actors (default: 1 on CPU, one per GPU)")
     p.add_argument("--threads", type=int, help="torch threads per inference actor (default: its CPUs)")
     p.add_argument("--lock-ttl", type=float, default=600.0, metavar="SECONDS",
-                   help="a lock whose heartbeat is older than this is taken over (default 600)")
+                   help="a lock whose heartbeat is older than this is taken over (default 600); a run "
+                        "that cannot renew its own lock for 3/4 of this stops with exit 1")
+    p.add_argument("--allow-unconditional-writes", action="store_true",
+                   help="run even if the output store ignores conditional writes (If-None-Match/If-Match), "
+                        "which leaves the run lock and the index fence without effect: only when nothing "
+                        "else can write the output prefix during a run")
