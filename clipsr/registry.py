@@ -26,6 +26,11 @@ Deltas depend on their source model, so the registry keeps its own copy of it un
 Entries written before these copies existed have no ``file_sha256`` and resolve their source by
 the path they recorded. The leading ``_`` cannot clash with a domain name.
 
+All of this needs a store that enforces the conditions: an S3-compatible store that accepts the
+headers and ignores them would let writers overwrite each other silently. The first write through
+a ``Registry`` probes the store (:func:`clipsr.storage.probe_conditional_writes`) and refuses one
+that fails.
+
 A crash between the steps leaves at worst an unreferenced model or source file, or an entry marked
 promoted that ``CURRENT`` does not name yet: ``CURRENT`` alone says what is current.
 
@@ -123,6 +128,7 @@ class Registry:
         if not self.uri or self.uri.endswith(":/"):
             raise ValueError(f"a registry needs a folder or prefix, got {uri!r}")
         self._marked = False
+        self._probed = False
 
     # --- locations ---
 
@@ -262,6 +268,7 @@ class Registry:
         ``promoted``).
         """
         doc = self._document(domain, model_bytes, entry, centroid, promote, sources)
+        self._require_conditional_store()
         self._mark()
         # The sources first: a published entry never names a copy that is not there yet.
         for data in sources:
@@ -285,8 +292,20 @@ class Registry:
     def set_current(self, domain: str, version: int) -> Entry:
         """Make an existing version current (rollback or manual promotion)."""
         entry = self.get(domain, version)
+        self._require_conditional_store()
         self._move_current(domain, version, forward_only=False)
         return entry
+
+    def _require_conditional_store(self) -> None:
+        """Once per instance, before its first write: versions are immutable only if the store says no."""
+        if self._probed:
+            return
+        problem = storage.probe_conditional_writes(self.uri)
+        if problem is not None:
+            raise storage.ConditionalWritesIgnoredError(
+                f"{self.uri} does not honour conditional writes ({problem}), so published versions could be "
+                "overwritten and updates of CURRENT lost; publish to a store that does (AWS S3, a local folder)")
+        self._probed = True
 
     def _mark(self) -> None:
         if self._marked:

@@ -52,6 +52,10 @@ class NoImagesError(FileNotFoundError):
     """The folder or prefix holds no image files."""
 
 
+class ConditionalWritesIgnoredError(ValueError):
+    """The store accepts conditional writes but does not enforce them (see probe_conditional_writes)."""
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """One listing entry: enough to decide from the listing alone whether an input changed."""
@@ -608,3 +612,30 @@ def _replace_local_if_match(path: str, data: bytes, etag: str) -> bool:
             return False
         _write_local_atomic(path, data)
         return True
+
+
+def probe_conditional_writes(folder_uri: str) -> str | None:
+    """Whether the store under ``folder_uri`` honours conditional writes: None if it does, else
+    what it accepted that it should have refused.
+
+    S3-compatible stores that ignore ``If-None-Match`` / ``If-Match`` answer 200 and overwrite,
+    so nothing fails and the lock and registry immutability quietly stop working; only a write
+    that must be refused shows it. Writes a unique hidden key twice with if-absent semantics (the
+    second, with other bytes, must be refused), then once with a wrong version token (must be
+    refused too), and deletes the key. Storage errors propagate. Local disks need no probe: there
+    the conditions are the kernel's (an exclusive link, a flock).
+    """
+    if require_conditional_writes(folder_uri) in _LOCAL_PROTOCOLS:
+        return None
+    uri = _child(folder_uri.rstrip("/"), f".clipsr-probe-{uuid.uuid4().hex}")
+    first, second = b"probe: first writer\n", b"probe: second writer\n"
+    if not write_bytes_if_absent(uri, first):
+        return f"a create-if-absent write of the new key {uri} was refused"
+    try:
+        if write_bytes_if_absent(uri, second):
+            return "a second create-if-absent (If-None-Match: *) write of one key replaced the object"
+        if write_bytes_if_match(uri, second, "0" * 32):  # no version has this token
+            return "a write with a wrong version token (If-Match) replaced the object"
+        return None
+    finally:
+        delete(uri)

@@ -1,9 +1,14 @@
-"""Shared fixtures: a real S3 HTTP API on loopback (moto's server) and a fresh bucket per test."""
+"""Shared fixtures: a real S3 HTTP API on loopback (moto's server), a fresh bucket per test, and a
+real HTTP proxy in front of it that misbehaves on demand."""
 
 from __future__ import annotations
 
+import http.client
 import os
+import threading
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -47,6 +52,86 @@ def s3_bucket(s3_server):
         for obj in page.get("Contents", ()):
             client.delete_object(Bucket=name, Key=obj["Key"])
     client.delete_bucket(Bucket=name)
+
+
+class S3Proxy:
+    """Forwards every request to moto, except what a switch changes:
+
+    - ``ignore_conditions``: drop If-None-Match and If-Match, as S3-compatible stores without
+      conditional writes do (they answer 200 and overwrite);
+    - ``deny_writes``: answer PUT, POST and DELETE with 403 AccessDenied, as S3 does once the
+      credentials have expired.
+
+    Request bodies are read by Content-Length, which is how botocore sends them.
+    """
+
+    _DROPPED = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "expect", "content-length"}
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = urlsplit(upstream)
+        self.ignore_conditions = False
+        self.deny_writes = False
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _answer(self, status: int, headers: list[tuple[str, str]], body: bytes) -> None:
+                self.send_response(status)
+                for name, value in headers:
+                    self.send_header(name, value)
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(body)
+
+            def _forward(self) -> None:
+                body = self._body()
+                if proxy.deny_writes and self.command in ("PUT", "POST", "DELETE"):
+                    error = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>AccessDenied</Code>'
+                             b"<Message>Access Denied</Message></Error>")
+                    self._answer(403, [("Content-Type", "application/xml"), ("Content-Length", str(len(error)))], error)
+                    return
+                dropped = proxy._DROPPED | ({"if-none-match", "if-match"} if proxy.ignore_conditions else set())
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in dropped}
+                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
+                try:
+                    conn.request(self.command, self.path, body=body, headers=headers)
+                    response = conn.getresponse()
+                    data = response.read()
+                    out = [(k, v) for k, v in response.getheaders() if k.lower() not in proxy._DROPPED]
+                    length = response.getheader("Content-Length") if self.command == "HEAD" else None
+                    self._answer(response.status, out + [("Content-Length", length or str(len(data)))], data)
+                finally:
+                    conn.close()
+
+            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.endpoint = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="s3-proxy", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+@pytest.fixture
+def s3_proxy(s3_server, monkeypatch):
+    """An S3Proxy in front of moto, and the AWS endpoint pointed at it for this test."""
+    proxy = S3Proxy(s3_server)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+    try:
+        yield proxy
+    finally:
+        proxy.close()
 
 
 @pytest.fixture(scope="session")

@@ -256,6 +256,20 @@ def test_a_held_lock_is_exit_1_and_names_the_holder(tmp_path, tiny, capsys):
     assert code == 1 and "locked by run 20261126T000000Z-nightly" in out
 
 
+def test_an_output_store_that_ignores_conditional_writes_is_refused_unless_allowed(s3_bucket, s3_proxy, tmp_path,
+                                                                                    capsys):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "notes.txt").write_text("not an image")
+    s3_proxy.ignore_conditions = True
+    args = ["--input", str(tmp_path / "in"), "--output", f"{s3_bucket}/out", "--model", "bicubic", "--scale", "2"]
+    code, out, _ = _enhance(capsys, *args)
+    assert code == 1 and "does not honour conditional writes" in out and "--allow-unconditional-writes" in out
+    assert list(storage.iter_objects(s3_bucket)) == []  # refused before the lock: nothing written
+    code, out, _ = _enhance(capsys, *args, "--allow-unconditional-writes")
+    assert code == 0 and "1 listed, 0 ok, 0 failed, 1 skipped" in out
+    assert storage.exists(f"{s3_bucket}/out/_index/index.json") and not storage.exists(f"{s3_bucket}/out/_lock")
+
+
 def test_job_entrypoint_takes_the_same_arguments(tmp_path, tiny):
     (tmp_path / "in").mkdir()
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "in" / "a.png")

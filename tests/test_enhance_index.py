@@ -8,6 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from clipsr import storage
 from clipsr.config import ConfigError, load_schema, validate
 from clipsr.enhance import index as idx
 from clipsr.enhance import manifest
@@ -106,7 +107,8 @@ def test_runs_register_when_they_start_and_commit_a_new_generation(tmp_path):
     loaded = _db()
     assert store.load(loaded, store.read_meta()) == 2 and _keys(loaded) == {"a.png": MID, "b.png": MID}
     store.commit(loaded, NEW, merged=[NEW])
-    files = sorted(p.relative_to(tmp_path / "_index").as_posix() for p in (tmp_path / "_index").rglob("*") if p.is_file())
+    files = sorted(p.relative_to(tmp_path / "_index").as_posix() for p in (tmp_path / "_index").rglob("*")
+                   if p.is_file() and not p.name.startswith("."))  # .index.json.lock: local compare-and-swap
     assert files == [f"gen={NEW}/part-00000.parquet", "index.json"]
 
 
@@ -116,3 +118,42 @@ def test_a_commit_keeps_runs_it_did_not_merge_in_progress(tmp_path):
     store.begin(NEW, "m")
     meta = store.commit(_db(), NEW, merged=[NEW])
     assert meta.in_progress == [{"run_id": OLD, "manifest": "m"}] and meta.parts == []
+
+
+@pytest.fixture(params=["local", "s3"])
+def index_uri(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "_index")
+    return f"{request.getfixturevalue('s3_bucket')}/out/_index"
+
+
+def _generations(index_uri):
+    return {o.key.split("/", 1)[0] for o in storage.iter_objects(index_uri) if o.key.startswith("gen=")}
+
+
+def test_a_run_that_lost_its_lock_cannot_commit_over_the_run_that_took_it(index_uri):
+    first = idx.IndexStore(index_uri)
+    first.begin(OLD, "m")
+    db = _db()
+    idx.upsert(db, [("a.png", 1, "e", 0, "m", None, "d", 4, "u", 1, OLD)])
+    first.commit(db, OLD, merged=[OLD])
+    stale, taker = idx.IndexStore(index_uri), idx.IndexStore(index_uri)
+    stale.begin(MID, "m")
+    taker.begin(NEW, "m")  # NEW took the lock over and registered
+    registered = storage.read_bytes(f"{index_uri}/index.json")
+    db = _db()
+    idx.upsert(db, [("a.png", 2, "e", 0, "m", None, "d", 4, "u", 1, MID)])
+    with pytest.raises(idx.IndexFencedError, match=f"after run {MID} registered"):
+        stale.commit(db, MID, merged=[OLD, MID])
+    # nothing of NEW's changed, and the generation NEW loaded is still there for it (or its rerun)
+    assert storage.read_bytes(f"{index_uri}/index.json") == registered
+    assert _generations(index_uri) == {f"gen={OLD}"}
+    db = _db()
+    idx.upsert(db, [("a.png", 3, "e", 0, "m", None, "d", 4, "u", 1, NEW)])
+    meta = taker.commit(db, NEW, merged=[MID, NEW])
+    assert meta.generation == NEW and meta.in_progress == []
+    assert _generations(index_uri) == {f"gen={NEW}"}
+    loaded = _db()
+    assert idx.IndexStore(index_uri).load(loaded, idx.IndexStore(index_uri).read_meta()) == 1
+    assert _keys(loaded) == {"a.png": NEW}
+

@@ -96,6 +96,22 @@ def test_conditional_writes_refuse_stores_without_them():
         storage.write_bytes_if_absent("memory://somewhere/x", b"x")
 
 
+def test_the_probe_tells_a_store_that_enforces_conditional_writes_from_one_that_ignores_them(
+        s3_bucket, s3_proxy, tmp_path):
+    assert storage.probe_conditional_writes(str(tmp_path)) is None
+    assert storage.probe_conditional_writes(f"{s3_bucket}/registry") is None  # moto enforces them
+    s3_proxy.ignore_conditions = True  # a store that accepts the headers and overwrites anyway
+    assert "If-None-Match" in storage.probe_conditional_writes(f"{s3_bucket}/registry")
+    assert list(storage.iter_objects(s3_bucket)) == []  # the probe cleans up after itself
+
+
+def test_a_store_that_ignores_conditional_writes_gets_no_publication(s3_bucket, s3_proxy):
+    s3_proxy.ignore_conditions = True
+    with pytest.raises(storage.ConditionalWritesIgnoredError, match="does not honour conditional writes"):
+        Registry(f"{s3_bucket}/registry").publish("manga", b"w1", lineage(), promote=True)
+    assert list(storage.iter_objects(s3_bucket)) == []
+
+
 # --- registry --------------------------------------------------------------------------------
 
 

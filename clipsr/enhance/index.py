@@ -9,6 +9,12 @@ or failed before the end): their manifest parts hold an ok row only for outputs 
 so a rerun skips exactly the finished images. Generations are written whole, then ``index.json``
 is replaced atomically, then old generations are removed. Runs are serialised by the lock.
 
+Fenced: every write of ``index.json`` is conditional on the version this run itself wrote last
+(S3 ``If-Match``, created with ``If-None-Match``). A run that lost its lock finds that another run
+has registered since, and its commit raises :class:`IndexFencedError` having deleted only its own
+new parts. Only generations older than the committing run's are removed: a run that takes over a
+lock starts later, so a stale run can never delete the parts a newer ``index.json`` names.
+
 Held on the driver in SQLite on local disk (the ``idx`` table), never as a Python dict: memory
 stays flat at millions of keys.
 """
@@ -18,7 +24,7 @@ import io
 import json
 import logging
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +47,10 @@ SCHEMA = pa.schema([
 _COLUMNS = SCHEMA.names
 _MANIFEST_COLUMNS = ["status", "input_key", "input_size", "input_etag", "input_mtime", "model_id",
                      "model_version", "domain", "scale", "output_uri", "output_size", "run_id"]
+
+
+class IndexFencedError(RuntimeError):
+    """``index.json`` is no longer the version this run wrote: another run has taken over."""
 
 
 @dataclass
@@ -77,18 +87,35 @@ class IndexStore:
     def __init__(self, index_uri: str) -> None:
         self.uri = index_uri
         self.meta_uri = f"{index_uri}/index.json"
+        self._token: str | None = None  # version of index.json this store last wrote
 
     def read_meta(self) -> IndexMeta:
+        return self._read()[0]
+
+    def _read(self) -> tuple[IndexMeta, str | None]:
         try:
-            doc = json.loads(storage.read_bytes(self.meta_uri))
+            data, token = storage.read_bytes_with_etag(self.meta_uri)
         except FileNotFoundError:
-            return IndexMeta()
+            return IndexMeta(), None
+        doc = json.loads(data)
         if doc.get("version") != INDEX_VERSION:
             raise ValueError(f"{self.meta_uri}: unsupported index version {doc.get('version')!r}")
-        return IndexMeta(doc["generation"], list(doc["parts"]), int(doc["rows"]), list(doc["in_progress"]))
+        return IndexMeta(doc["generation"], list(doc["parts"]), int(doc["rows"]), list(doc["in_progress"])), token
 
-    def write_meta(self, meta: IndexMeta) -> None:
-        storage.write_bytes_atomic(self.meta_uri, meta.to_json())
+    def _swap(self, meta: IndexMeta, token: str | None) -> bool:
+        """Write ``meta`` only if index.json is still at ``token`` (absent if None); remembers the new version."""
+        data = meta.to_json()
+        if token is None:
+            written = storage.write_bytes_if_absent(self.meta_uri, data)
+        else:
+            written = storage.write_bytes_if_match(self.meta_uri, data, token)
+        if not written:
+            return False
+        current = storage.read_bytes_with_etag(self.meta_uri)  # S3 assigns the new ETag
+        if current[0] != data:
+            return False
+        self._token = current[1]
+        return True
 
     def load(self, db: sqlite3.Connection, meta: IndexMeta) -> int:
         """Load the current generation into ``idx``; returns the number of rows."""
@@ -103,15 +130,24 @@ class IndexStore:
 
     def begin(self, run_id: str, manifest_uri: str) -> list[dict[str, str]]:
         """Register a starting run; returns the earlier runs that never finished."""
-        meta = self.read_meta()
+        meta, token = self._read()
         unfinished = [r for r in meta.in_progress if r["run_id"] != run_id]
         meta.in_progress = unfinished + [{"run_id": run_id, "manifest": manifest_uri}]
-        self.write_meta(meta)
+        if not self._swap(meta, token):
+            raise IndexFencedError(f"{self.meta_uri} changed while run {run_id} registered in it: another run is "
+                                   "writing this output prefix; nothing was written, rerun when it has finished")
         return unfinished
 
     def commit(self, db: sqlite3.Connection, run_id: str, merged: Iterable[str]) -> IndexMeta:
-        """Write ``idx`` as a new generation and drop ``merged`` runs from in_progress."""
-        old = self.read_meta()
+        """Write ``idx`` as a new generation and drop ``merged`` runs from in_progress.
+
+        Fenced by :meth:`begin`: raises IndexFencedError, leaving the index as another run made
+        it, if index.json changed since this store last wrote it."""
+        old, token = self._read()
+        if self._token is None:
+            raise RuntimeError(f"run {run_id} commits to {self.meta_uri} without having registered (begin)")
+        if token != self._token:
+            raise self._fenced(run_id)
         merged = set(merged)
         meta = IndexMeta(generation=run_id, in_progress=[r for r in old.in_progress if r["run_id"] not in merged])
         cursor = db.execute(f"SELECT {', '.join(_COLUMNS)} FROM idx ORDER BY key")
@@ -126,14 +162,21 @@ class IndexStore:
             storage.write_bytes_atomic(f"{self.uri}/{part}", buf.getvalue())
             meta.parts.append(part)
             meta.rows += len(rows)
-        self.write_meta(meta)
-        self._remove_other_generations(meta)
+        if not self._swap(meta, token):
+            self._remove_generations(lambda gen: gen == run_id)
+            raise self._fenced(run_id)
+        self._remove_generations(lambda gen: gen < run_id)
         return meta
 
-    def _remove_other_generations(self, meta: IndexMeta) -> None:
-        keep = set(meta.parts) | {"index.json"}
+    def _fenced(self, run_id: str) -> IndexFencedError:
+        return IndexFencedError(f"{self.meta_uri} was changed by another run after run {run_id} registered "
+                                "(it lost its lock): the index was left as that run wrote it")
+
+    def _remove_generations(self, which: Callable[[str], bool]) -> None:
+        """Delete the parts of the generations (run ids) ``which`` selects."""
         for info in storage.iter_objects(self.uri):
-            if info.key not in keep:
+            folder = info.key.split("/", 1)[0]
+            if folder.startswith("gen=") and which(folder[len("gen="):]):
                 storage.delete(info.uri)
 
 

@@ -11,7 +11,14 @@ killed local run). Every write is conditional, so two runs racing for a stale lo
 - local disks: create by hard-linking a complete temporary file (atomic, fails if the name
   exists); refresh and take over under an exclusive file lock around read-compare-replace.
 
-The primitives are :mod:`clipsr.storage`'s conditional writes; other protocols are refused there.
+The primitives are :mod:`clipsr.storage`'s conditional writes; other protocols are refused there,
+and :func:`require_conditional_store` refuses a store that accepts the headers but ignores them.
+
+Losing it: the lock is lost when another run replaced it, or when renewals keep failing (an S3
+outage, expired credentials, a paused driver) until the last good one is ``LOST_AFTER`` of the ttl
+old. Another run may take it over at the full ttl; the rest is a margin for clock skew and for
+stopping. The run calls :meth:`RunLock.check` before it writes state, which raises
+:class:`LockLostError` from then on (also when the heartbeat thread is stuck in a slow request).
 """
 from __future__ import annotations
 
@@ -28,8 +35,35 @@ from clipsr import storage
 log = logging.getLogger(__name__)
 
 
+# A holder counts its lock as gone once its last good renewal is this part of the ttl old.
+LOST_AFTER = 0.75
+ALLOW_FLAG = "--allow-unconditional-writes"
+
+
 class LockHeldError(RuntimeError):
     """Another live run holds the output prefix."""
+
+
+class LockLostError(RuntimeError):
+    """This run can no longer show that it holds its lock, so another run may be writing: stop."""
+
+
+def require_conditional_store(folder_uri: str, allow: bool = False) -> None:
+    """Refuse to lock a store that ignores conditional writes, unless the operator allowed it.
+
+    Such a store answers every lock write with success: two runs would both hold the lock, and
+    the index fence would let a stale run replace a newer run's index.
+    """
+    problem = storage.probe_conditional_writes(folder_uri)
+    if problem is None:
+        return
+    if not allow:
+        raise storage.ConditionalWritesIgnoredError(
+            f"{folder_uri} does not honour conditional writes ({problem}), so the run lock cannot keep "
+            f"two runs apart; use a store that does (AWS S3 does), or pass {ALLOW_FLAG} if nothing "
+            "else can ever write this output prefix while a run is going")
+    log.warning("%s does not honour conditional writes (%s); going on because of %s: the run lock and "
+                "the index fence do not protect this run", folder_uri, problem, ALLOW_FLAG)
 
 
 class _Conflict(Exception):
@@ -80,14 +114,18 @@ class RunLock:
             raise ValueError(f"lock ttl must be positive, got {ttl_s}")
         storage.require_conditional_writes(uri)
         self.uri, self.run_id, self.ttl_s, self.clock = uri, run_id, ttl_s, clock
-        self.lost = False
+        self._lost: str | None = None  # why, once lost
         self._token: str | None = None
+        self._renewed = 0.0  # clock time in the last document this run wrote successfully
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._mutex = threading.Lock()
 
-    def _document(self) -> bytes:
-        now = self.clock()
+    @property
+    def lost(self) -> bool:
+        return self._lost is not None
+
+    def _document(self, now: float) -> bytes:
         return json.dumps({"run_id": self.run_id, "host": socket.gethostname(), "pid": os.getpid(),
                            "heartbeat": now, "ttl_s": self.ttl_s,
                            "expires": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now + self.ttl_s))}).encode()
@@ -102,14 +140,16 @@ class RunLock:
         return None
 
     def acquire(self) -> None:
+        now = self.clock()
         try:
-            self._token = _create(self.uri, self._document())
+            self._token, self._renewed = _create(self.uri, self._document(now)), now
             return
         except _Conflict:
             pass
         current = _read(self.uri)
         if current is None:  # released between our two calls: try once more
-            self._token = _create_or_raise(self.uri, self._document(), self.run_id)
+            now = self.clock()
+            self._token, self._renewed = _create_or_raise(self.uri, self._document(now), self.run_id), now
             return
         data, token = current
         try:
@@ -123,29 +163,54 @@ class RunLock:
                 f"output prefix is locked by run {holder.get('run_id')} (host {holder.get('host')}, "
                 f"heartbeat {age:.0f} s ago, expires {holder.get('expires')}); two runs on one output "
                 f"prefix would corrupt its index. Wait for it, or remove {self.uri} if that run is dead")
+        now = self.clock()
         try:
-            self._token = _replace(self.uri, self._document(), token)
+            self._token, self._renewed = _replace(self.uri, self._document(now), token), now
         except _Conflict:
             raise LockHeldError(f"another run took over the stale lock {self.uri} first") from None
         log.warning("took over the lock of run %s (%s)", holder.get("run_id"), reason)
 
     def refresh(self) -> None:
-        """Renew the heartbeat; marks the lock lost if someone else replaced it."""
+        """Renew the heartbeat. Never raises: a failure is retried at the next beat until the last
+        good renewal is LOST_AFTER of the ttl old; a replaced lock is lost at once."""
         with self._mutex:
             if self._token is None or self.lost:
                 return
+            now = self.clock()
             try:
-                self._token = _replace(self.uri, self._document(), self._token)
+                self._token, self._renewed = _replace(self.uri, self._document(now), self._token), now
             except _Conflict:
-                self.lost = True
-                log.error("lost the run lock %s: another run replaced it", self.uri)
+                self._lose("another run replaced it")
+            except Exception as e:  # noqa: BLE001  any storage error: the renewal did not happen
+                age = self.clock() - self._renewed
+                reason = f"renewals failed for {age:.1f} s of its {self.ttl_s:g} s ttl (last: {type(e).__name__}: {e})"
+                if age >= LOST_AFTER * self.ttl_s:
+                    self._lose(" ".join(reason.split()))
+                else:
+                    log.warning("lock heartbeat failed, retrying at the next beat: %s", reason)
+
+    def check(self) -> None:
+        """Raise LockLostError unless this run still holds the lock; call it before writing state.
+
+        No I/O. Besides a loss the heartbeat saw, it catches a heartbeat that has not renewed
+        for LOST_AFTER of the ttl (stuck in a slow request, or starved)."""
+        if self._token is None and not self.lost:
+            raise LockLostError(f"run lock {self.uri} is not held by run {self.run_id}")
+        age = self.clock() - self._renewed
+        if not self.lost and age >= LOST_AFTER * self.ttl_s:
+            self._lose(f"not renewed for {age:.1f} s of its {self.ttl_s:g} s ttl")
+        if self._lost is not None:
+            raise LockLostError(f"lost the run lock {self.uri}: {self._lost}; stopped writing (a rerun folds "
+                                "in this run's finished work)")
+
+    def _lose(self, reason: str) -> None:
+        if self._lost is None:
+            self._lost = reason
+            log.error("lost the run lock %s: %s", self.uri, reason)
 
     def _beat(self) -> None:
-        while not self._stop.wait(self.ttl_s / 4):
-            try:
-                self.refresh()
-            except Exception as e:  # noqa: BLE001  a failed heartbeat is retried at the next beat
-                log.warning("lock heartbeat failed (will retry): %s", e)
+        while not self._stop.wait(self.ttl_s / 4) and not self.lost:
+            self.refresh()
 
     def release(self) -> None:
         self._stop.set()

@@ -37,6 +37,7 @@ class EnhanceOptions:
     threads: int | None = None
     commit_every: float = 30.0
     lock_ttl: float = 600.0
+    allow_unconditional_writes: bool = False
 
     def check(self) -> None:
         if not -1.0 <= self.route_threshold <= 1.0:
@@ -119,4 +120,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="write the manifest rows of finished images at least this often, so a killed run "
                         "keeps them and its rerun skips those images (default 30; 0: after every block)")
     p.add_argument("--lock-ttl", type=float, default=600.0, metavar="SECONDS",
-                   help="a lock whose heartbeat is older than this is taken over (default 600)")
+                   help="a lock whose heartbeat is older than this is taken over (default 600); a run "
+                        "that cannot renew its own lock for 3/4 of this stops with exit 1")
+    p.add_argument("--allow-unconditional-writes", action="store_true",
+                   help="run even if the output store ignores conditional writes (If-None-Match/If-Match), "
+                        "which leaves the run lock and the index fence without effect: only when nothing "
+                        "else can write the output prefix during a run")

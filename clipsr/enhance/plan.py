@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import sqlite3
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -69,8 +69,9 @@ class CountingSink:
 class StorageSink:
     """Plan rows to ``<output>/_runs/<run>/plan/part-N.parquet``; decided rows to the manifest."""
 
-    def __init__(self, layout: RunLayout) -> None:
+    def __init__(self, layout: RunLayout, before_write: Callable[[], None] = lambda: None) -> None:
         self.layout = layout
+        self.before_write = before_write  # raises to stop: the run lock's check
         self.plan_parts: list[str] = []
         self._plan: list[dict[str, Any]] = []
         self._decided: list[dict[str, Any]] = []
@@ -90,6 +91,7 @@ class StorageSink:
             return
         buf = io.BytesIO()
         pq.write_table(pa.Table.from_pylist(self._plan, schema=R.PLAN), buf)
+        self.before_write()
         uri = f"{self.layout.plan}/part-{len(self.plan_parts):06d}.parquet"
         storage.write_bytes_atomic(uri, buf.getvalue())
         self.plan_parts.append(uri)
@@ -97,6 +99,7 @@ class StorageSink:
 
     def _flush_decided(self) -> None:
         if self._decided:
+            self.before_write()
             manifest.write_part(self._decided, self.layout.manifest_run())
             self._decided = []
 

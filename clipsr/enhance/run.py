@@ -3,7 +3,9 @@
 Order of events (each step's output is what makes the next one safe to rerun):
 
 1. resolve the model and the router (fail fast: exit 1 before anything is written);
-2. take the lock on the output prefix, register the run in the index (``in_progress``);
+2. check that the store enforces conditional writes, take the lock on the output prefix, register
+   the run in the index (``in_progress``); from here on the lock is checked before every write of
+   state and at every progress report, and a lost lock stops the run (exit 1);
 3. plan on the driver (plan.py): every listed key becomes a plan row, or a skipped/failed
    manifest row written at once;
 4. run the Ray Data pipeline over the plan: each output is committed, then its row streams back to
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TextIO
 
@@ -34,7 +37,7 @@ from clipsr.enhance import index as idx
 from clipsr.enhance import plan
 from clipsr.enhance.layout import RunLayout, new_run_id
 from clipsr.enhance.listing import iter_inputs
-from clipsr.enhance.lock import RunLock
+from clipsr.enhance.lock import RunLock, require_conditional_store
 from clipsr.enhance.options import EnhanceOptions
 from clipsr.enhance.routing import Router, build_router, resolve_model
 
@@ -86,6 +89,7 @@ def run_enhance(opts: EnhanceOptions, progress: TextIO | None = None) -> RunResu
                               threshold=opts.route_threshold)
         if opts.dry_run:
             return _dry_run(opts, layout, router, model.scale)
+        require_conditional_store(layout.index, opts.allow_unconditional_writes)
         with RunLock(layout.lock, run_id, opts.lock_ttl) as lock:
             locked = True
             return _run(opts, layout, router, model.scale, lock, progress)
@@ -150,17 +154,17 @@ def _run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int, lo
     with tempfile.TemporaryDirectory(prefix="clipsr-enhance-") as tmp:
         db = sqlite3.connect(f"{tmp}/plan.sqlite")
         try:
-            sink = plan.StorageSink(layout)
+            sink = plan.StorageSink(layout, lock.check)
             counts = _plan(db, opts, layout, router, scale, index, unfinished, sink)
             plan_parts = sink.close()
             totals = Counter(counts.statuses)
             if plan_parts:
-                done = _run_pipeline(opts, layout, plan_parts, counts.to_process, lock, progress)
+                done = _run_pipeline(opts, layout, plan_parts, counts.to_process, progress, lock.check)
                 if done["rows"] != counts.to_process:
                     raise RuntimeError(f"the pipeline returned {done['rows']} manifest rows for "
                                        f"{counts.to_process} planned inputs")
                 totals.update({"ok": done["ok"], "failed": done["failed"]})
-            _check_lock(lock, layout)
+            lock.check()
             idx.merge_run(db, layout.manifest_run())
             index.commit(db, layout.run_id, [r["run_id"] for r in unfinished] + [layout.run_id])
         finally:
@@ -171,8 +175,8 @@ def _run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int, lo
     return _finish(opts, layout, counts.listed, totals)
 
 
-def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str], total: int, lock: RunLock,
-                  progress: TextIO | None) -> Counter:
+def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str], total: int,
+                  progress: TextIO | None, check_lock: Callable[[], None]) -> Counter:
     import ray
 
     from clipsr.enhance import pipeline
@@ -186,12 +190,13 @@ def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str]
         log.info("inference: %s", res.describe())
         ds = pipeline.build_dataset(plan_parts, res, worker_env(), opts.max_output_pixels, opts.precision,
                                     opts.tile, _absolute_spec(opts.clip_weights), opts.image_timeout)
-        writer = ManifestWriter(layout.run_id, layout.manifest_run(), fence=lambda: _check_lock(lock, layout),
+        writer = ManifestWriter(layout.run_id, layout.manifest_run(), fence=check_lock,
                                 every_s=opts.commit_every)
         start = last = time.monotonic()
 
         def report(done: Counter) -> None:
             nonlocal last
+            check_lock()  # a lost lock stops the pipeline here, within one block of rows
             now = time.monotonic()
             if now - last < PROGRESS_EVERY_S and done["rows"] < total:
                 return
@@ -204,11 +209,6 @@ def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str]
     finally:
         if started_here:
             ray.shutdown()
-
-
-def _check_lock(lock: RunLock, layout: RunLayout) -> None:
-    if lock.lost:
-        raise RuntimeError(f"lost the run lock {layout.lock} to another run; stopped writing")
 
 
 def _finish(opts: EnhanceOptions, layout: RunLayout, listed: int, totals: Counter) -> RunResult:
