@@ -73,9 +73,9 @@ def test_manifest_refuses_rows_that_break_the_contract(tmp_path):
 
 def test_an_older_run_never_replaces_a_newer_rows_state():
     db = _db()
-    idx.upsert(db, [("a.png", 1, "e", 0, "m", None, "d", 4, "u", 1, MID)])
-    idx.upsert(db, [("a.png", 2, "e", 0, "m", None, "d", 4, "u", 1, OLD), ("b.png", 2, "e", 0, "m", None, "d", 4, "u", 1, OLD)])
-    idx.upsert(db, [("b.png", 3, "e", 0, "m", None, "d", 4, "u", 1, NEW)])
+    idx.upsert(db, [("a.png", 1, "e", 0, "m", None, "d", 4, "u", 1, MID, None)])
+    idx.upsert(db, [("a.png", 2, "e", 0, "m", None, "d", 4, "u", 1, OLD, None), ("b.png", 2, "e", 0, "m", None, "d", 4, "u", 1, OLD, None)])
+    idx.upsert(db, [("b.png", 3, "e", 0, "m", None, "d", 4, "u", 1, NEW, None)])
     assert db.execute("SELECT key, size, run_id FROM idx ORDER BY key").fetchall() == [
         ("a.png", 1, MID), ("b.png", 3, NEW)]
 
@@ -87,7 +87,7 @@ def test_merge_takes_only_ok_rows_of_a_runs_manifest(tmp_path):
     db = _db()
     assert idx.merge_run(db, run_uri) == 1
     assert db.execute("SELECT * FROM idx").fetchall() == [
-        ("a.png", 10, "e", 1_700_000_000_000, "m1", None, "default", 4, "s3://out/a.png", 99, NEW)]
+        ("a.png", 10, "e", 1_700_000_000_000, "m1", None, "default", 4, "s3://out/a.png", 99, NEW, None)]
     assert idx.merge_run(db, str(tmp_path / "run=missing")) == 0
 
 
@@ -96,7 +96,7 @@ def test_runs_register_when_they_start_and_commit_a_new_generation(tmp_path):
     assert store.read_meta().parts == [] and store.begin(OLD, "m") == []
     assert store.begin(MID, "m") == [{"run_id": OLD, "manifest": "m"}]  # OLD never finished
     db = _db()
-    idx.upsert(db, [("b.png", 1, None, 5, "m", None, "d", 4, "u", 1, MID), ("a.png", 1, "e", 5, "m", None, "d", 4, "u", 1, MID)])
+    idx.upsert(db, [("b.png", 1, None, 5, "m", None, "d", 4, "u", 1, MID, None), ("a.png", 1, "e", 5, "m", None, "d", 4, "u", 1, MID, None)])
     meta = store.commit(db, MID, merged=[OLD, MID])
     assert meta.in_progress == [] and meta.rows == 2 and meta.parts == [f"gen={MID}/part-00000.parquet"]
     assert store.read_meta().generation == MID
@@ -135,21 +135,21 @@ def test_a_run_that_lost_its_lock_cannot_commit_over_the_run_that_took_it(index_
     first = idx.IndexStore(index_uri)
     first.begin(OLD, "m")
     db = _db()
-    idx.upsert(db, [("a.png", 1, "e", 0, "m", None, "d", 4, "u", 1, OLD)])
+    idx.upsert(db, [("a.png", 1, "e", 0, "m", None, "d", 4, "u", 1, OLD, None)])
     first.commit(db, OLD, merged=[OLD])
     stale, taker = idx.IndexStore(index_uri), idx.IndexStore(index_uri)
     stale.begin(MID, "m")
     taker.begin(NEW, "m")  # NEW took the lock over and registered
     registered = storage.read_bytes(f"{index_uri}/index.json")
     db = _db()
-    idx.upsert(db, [("a.png", 2, "e", 0, "m", None, "d", 4, "u", 1, MID)])
+    idx.upsert(db, [("a.png", 2, "e", 0, "m", None, "d", 4, "u", 1, MID, None)])
     with pytest.raises(idx.IndexFencedError, match=f"after run {MID} registered"):
         stale.commit(db, MID, merged=[OLD, MID])
     # nothing of NEW's changed, and the generation NEW loaded is still there for it (or its rerun)
     assert storage.read_bytes(f"{index_uri}/index.json") == registered
     assert _generations(index_uri) == {f"gen={OLD}"}
     db = _db()
-    idx.upsert(db, [("a.png", 3, "e", 0, "m", None, "d", 4, "u", 1, NEW)])
+    idx.upsert(db, [("a.png", 3, "e", 0, "m", None, "d", 4, "u", 1, NEW, None)])
     meta = taker.commit(db, NEW, merged=[MID, NEW])
     assert meta.generation == NEW and meta.in_progress == []
     assert _generations(index_uri) == {f"gen={NEW}"}

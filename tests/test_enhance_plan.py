@@ -121,7 +121,7 @@ def _decide(objects, fmt=None, index_rows=(), outputs=(), model=MODEL):
 
 
 def _index_row(key, size=10, etag="e1", mtime_ms=1_700_000_000_000, model=MODEL.id, out_size=99, run="20261101T000000Z-000000"):
-    return (key, size, etag, mtime_ms, model, None, "default", 4, f"s3://out/{key}", out_size, run)
+    return (key, size, etag, mtime_ms, model, None, "default", 4, f"s3://out/{key}", out_size, run, None)
 
 
 def _out(key, size=99):

@@ -43,10 +43,11 @@ SCHEMA = pa.schema([
     ("key", pa.string()), ("size", pa.int64()), ("etag", pa.string()), ("mtime_ms", pa.int64()),
     ("model_id", pa.string()), ("model_version", pa.string()), ("domain", pa.string()),
     ("scale", pa.int32()), ("output_uri", pa.string()), ("output_size", pa.int64()), ("run_id", pa.string()),
+    ("route_embedding", pa.binary()),  # --route auto: routes the input again without reading it
 ])
 _COLUMNS = SCHEMA.names
 _MANIFEST_COLUMNS = ["status", "input_key", "input_size", "input_etag", "input_mtime", "model_id",
-                     "model_version", "domain", "scale", "output_uri", "output_size", "run_id"]
+                     "model_version", "domain", "scale", "output_uri", "output_size", "run_id", "route_embedding"]
 
 
 class IndexFencedError(RuntimeError):
@@ -68,7 +69,7 @@ class IndexMeta:
 def create_table(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE idx (key TEXT PRIMARY KEY, size INTEGER, etag TEXT, mtime_ms INTEGER, "
                "model_id TEXT, model_version TEXT, domain TEXT, scale INTEGER, output_uri TEXT, "
-               "output_size INTEGER, run_id TEXT)")
+               "output_size INTEGER, run_id TEXT, route_embedding BLOB)")
 
 
 _UPSERT = (f"INSERT INTO idx ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
@@ -121,7 +122,7 @@ class IndexStore:
         """Load the current generation into ``idx``; returns the number of rows."""
         count = 0
         for part in meta.parts:
-            table = pq.read_table(io.BytesIO(storage.read_bytes(f"{self.uri}/{part}")))
+            table = _with_columns(pq.read_table(io.BytesIO(storage.read_bytes(f"{self.uri}/{part}"))), SCHEMA)
             for batch in table.to_batches(max_chunksize=50_000):
                 rows = list(zip(*(batch.column(c).to_pylist() for c in _COLUMNS)))
                 upsert(db, rows)
@@ -183,7 +184,7 @@ class IndexStore:
 def manifest_ok_rows(run_uri: str) -> Iterable[list[tuple]]:
     """A run's ok rows as index rows, one list per manifest part."""
     for part in manifest.iter_parts(run_uri):
-        table = manifest.read_part(part, _MANIFEST_COLUMNS)
+        table = _with_columns(manifest.read_part(part), manifest.arrow_schema()).select(_MANIFEST_COLUMNS)
         table = table.filter(pc.equal(table.column("status"), "ok"))
         if table.num_rows == 0:
             continue
@@ -191,7 +192,15 @@ def manifest_ok_rows(run_uri: str) -> Iterable[list[tuple]]:
         cols: dict[str, Any] = {c: table.column(c).to_pylist() for c in _MANIFEST_COLUMNS}
         yield list(zip(cols["input_key"], cols["input_size"], cols["input_etag"], mtime, cols["model_id"],
                        cols["model_version"], cols["domain"], cols["scale"], cols["output_uri"],
-                       cols["output_size"], cols["run_id"]))
+                       cols["output_size"], cols["run_id"], cols["route_embedding"]))
+
+
+def _with_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Parts written before a column existed read with that column null."""
+    for f in schema:
+        if f.name not in table.column_names:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table
 
 
 def merge_run(db: sqlite3.Connection, run_uri: str) -> int:

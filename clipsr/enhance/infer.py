@@ -20,7 +20,7 @@ import torch
 from clipsr import imaging
 from clipsr.enhance import rows as R
 from clipsr.enhance.decode import to_float
-from clipsr.enhance.routing import AUTO_PREFIX, AutoChooser
+from clipsr.enhance.routing import AUTO_PREFIX, AutoChooser, pack_embedding
 from clipsr.factory import load_upscaler
 
 
@@ -82,8 +82,9 @@ class InferStage:
         spec = row["model_spec"]
         if spec not in self._choosers:
             self._choosers[spec] = AutoChooser(spec)
-        chosen, domain, version, similarity = self._choosers[spec].choose(imaging.to_rgb(lr))
-        row.update(domain=domain, model_version=version, route_similarity=similarity)
+        chosen, domain, version, similarity, embedding = self._choosers[spec].choose(imaging.to_rgb(lr))
+        row.update(domain=domain, model_version=version, route_similarity=similarity,
+                   route_embedding=pack_embedding(embedding))
         return chosen
 
     def upscale_row(self, row: dict[str, Any]) -> None:
@@ -92,8 +93,9 @@ class InferStage:
         spec = self._route_auto(row, lr) if auto else row["model_spec"]
         up = self.upscaler(spec, int(row["scale"]))
         network = getattr(up, "model", None)
-        if auto:
-            R.add_note(row, f"routed to {up.describe()['id']}")
+        if auto:  # the row records the model that ran; the index compares it with the next run's route
+            row["model_id"] = up.describe()["id"]
+            R.add_note(row, f"routed to {row['model_id']}")
         elif up.describe()["id"] != row["model_id"]:
             R.fail(row, f"model {row['model_spec']} is now {up.describe()['id']}, not the {row['model_id']} "
                         "the run was planned with; rerun")

@@ -7,6 +7,7 @@ task rewrites the same part instead of adding a second copy of its rows.
 """
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import hashlib
 import io
@@ -30,6 +31,7 @@ _ARROW_TYPES = {
     "int64": pa.int64(),
     "float64": pa.float64(),
     "timestamp[ms, tz=UTC]": pa.timestamp("ms", tz="UTC"),
+    "binary": pa.binary(),
 }
 
 
@@ -110,8 +112,14 @@ def count_statuses(run_uri: str) -> Counter:
 
 
 def json_row(row: Mapping[str, Any]) -> dict[str, Any]:
-    """A Parquet row as the JSON document the published schema describes (timestamps as ISO text)."""
-    return {k: (v.isoformat() if isinstance(v, dt.datetime) else v) for k, v in row.items()}
+    """A Parquet row as the JSON document the published schema describes (timestamps as ISO text,
+    binary as base64)."""
+    def view(v: Any) -> Any:
+        if isinstance(v, dt.datetime):
+            return v.isoformat()
+        return base64.b64encode(v).decode() if isinstance(v, bytes) else v
+
+    return {k: view(v) for k, v in row.items()}
 
 
 def finish_row(row: dict[str, Any], run_id: str) -> dict[str, Any]:

@@ -10,7 +10,9 @@ keys (SQLite sorts and joins out of core). One ordered pass then decides each ke
   first in sorted order (byte order of the key) wins, the later is failed, never an overwrite;
 - unchanged inputs: skipped without being read. Unchanged means the index's latest ok row for the
   key has the same size and ETag (mtime where there is no ETag), the same model id, scale and
-  output URI, and the output object is still there with the size that run wrote;
+  output URI, and the output object is still there with the size that run wrote. Under
+  ``--route auto`` the model is the one the input's stored embedding routes to now, so a registry
+  change redoes only the inputs whose domain or domain version changed;
 - everything else: a plan row, written in parts for the Ray Data pipeline to read.
 
 Skipped and failed rows go straight to the manifest from here.
@@ -176,12 +178,18 @@ def _route_columns(route: Route) -> dict[str, Any]:
             "route_similarity": route.similarity, "clip_encoder": route.model.clip_encoder}
 
 
+def _same_content(size, etag, mtime_ms, idx: tuple) -> bool:
+    """The listed object is the one the index row was made from: same size and ETag (or mtime)."""
+    i_size, i_etag, i_mtime = idx[:3]
+    same = (etag == i_etag) if etag and i_etag else (mtime_ms is not None and mtime_ms == i_mtime)
+    return same and size == i_size
+
+
 def _unchanged(size, etag, mtime_ms, route: Route, scale: int, output_uri: str, idx: tuple, out_size) -> bool:
-    i_size, i_etag, i_mtime, i_model, i_scale, i_output, i_output_size, i_run = idx
+    _, _, _, i_model, i_scale, i_output, i_output_size, i_run = idx
     if i_run is None or out_size is None or out_size != i_output_size:
         return False
-    same_content = (etag == i_etag) if etag and i_etag else (mtime_ms is not None and mtime_ms == i_mtime)
-    return (same_content and size == i_size and i_model == route.model.id and i_scale == scale
+    return (_same_content(size, etag, mtime_ms, idx) and i_model == route.model.id and i_scale == scale
             and i_output == output_uri)
 
 
@@ -191,12 +199,14 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
     counts = PlanCounts()
     cursor = db.execute(
         "SELECT l.key, l.uri, l.size, l.etag, l.mtime_ms, l.kind, l.reason, l.out_key, "
-        "i.size, i.etag, i.mtime_ms, i.model_id, i.scale, i.output_uri, i.output_size, i.run_id, o.size "
+        "i.size, i.etag, i.mtime_ms, i.model_id, i.scale, i.output_uri, i.output_size, i.run_id, o.size, "
+        "i.route_embedding "
         "FROM listing l LEFT JOIN idx i ON i.key = l.key LEFT JOIN outputs o ON o.key = l.out_key "
         "ORDER BY l.out_key, l.key")
     winner: tuple[str, str] | None = None  # (output key, input key) of the last candidate
+    reroute = getattr(router, "reroute", None)  # --route auto: a stored embedding routes on the driver
     for key, uri, size, etag, mtime_ms, kind, reason, out_key, *rest in cursor:
-        idx, out_size = tuple(rest[:8]), rest[8]
+        idx, out_size, embedding = tuple(rest[:8]), rest[8], rest[9]
         counts.listed += 1
         base = {"run_id": layout.run_id, "input_key": key, "input_uri": uri, "input_size": size,
                 "input_etag": etag, "input_mtime": mtime_ms, "scale": scale}
@@ -204,7 +214,10 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
             status = "skipped" if kind == "ignored" else "failed"
             _record(sink, counts, {**base, "status": status, "error": reason})
             continue
-        route = router.route(key)
+        if reroute is not None and embedding is not None and _same_content(size, etag, mtime_ms, idx):
+            route = reroute(embedding)
+        else:
+            route, embedding = router.route(key), None
         output_uri = layout.output_uri(out_key)
         if winner is not None and winner[0] == out_key:
             _record(sink, counts, {**base, **_route_columns(route), "status": "failed",
@@ -223,7 +236,7 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
         sink.process({"input_key": key, "input_uri": uri, "output_uri": output_uri,
                       "output_format": output_format(out_key, fmt), "input_size": size, "input_etag": etag,
                       "input_mtime_ms": mtime_ms, "scale": scale, "model_spec": route.model.spec,
-                      **_route_columns(route)})
+                      "route_embedding": embedding, **_route_columns(route)})
     return counts
 
 

@@ -6,12 +6,15 @@ and backfills of one domain (``--domain``) look the domain's current version up 
 registry (``--models``, written by ``clipsr adapt``) once, at planning time, and pin it: the whole
 run uses that version even if another is promoted meanwhile.
 
-``--route auto`` needs each image's embedding, so the choice happens in the inference stage
+``--route auto`` needs each image's embedding, so the first choice happens in the inference stage
 (:class:`AutoChooser`): nearest current domain centroid by cosine, ``--model`` below the
-threshold. The planner only sees the routing *signature* (a hash of the source model, the
-threshold and every current domain version) as the rows' ``model_id``: while the registry does
-not change, unchanged inputs are skipped; once a domain gets a new version, auto-routed inputs are
-routed (and enhanced) again. The model actually used is the row's domain and ``model_version``.
+threshold. The row records the embedding (float16) and the model actually used, and the index
+keeps both. Later runs route those inputs again on the driver (:meth:`AutoRouter.reroute`) from
+the stored embedding and the registry's current centroids, without reading the image: after a
+promotion, a rollback or a new domain only the inputs whose domain or domain version changed are
+enhanced again. Inputs with no stored embedding (new, changed, or indexed before embeddings were
+kept) go to the inference stage under the routing *signature* (a hash of the source model, the
+threshold and every current domain version).
 """
 from __future__ import annotations
 
@@ -20,6 +23,8 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
+
+import numpy as np
 
 from clipsr import storage
 from clipsr.config import ConfigError, parse_document, validate
@@ -131,21 +136,60 @@ def auto_spec(registry: str, threshold: float, source_spec: str, versions: dict[
                                      "versions": versions}, sort_keys=True)
 
 
-def auto_router(registry: str, source: ModelRef, threshold: float) -> SingleModelRouter:
-    """Every input to the per-image chooser, under a signature of the registry's current state."""
-    from clipsr.registry import Registry
+def nearest(embedding: np.ndarray, centroids: np.ndarray, threshold: float) -> tuple[int | None, float]:
+    """Index of the nearest centroid by cosine (rows of ``centroids``), or None below ``threshold``."""
+    sims = centroids @ embedding.astype(np.float32)
+    best = int(np.argmax(sims))
+    return (best if sims[best] >= threshold else None), float(sims[best])
 
-    current = Registry(registry).centroids()
-    if not current:
-        raise RegistryUnavailableError(f"--route auto: no domain in {registry} has a current version with a centroid")
-    encoders = {json.dumps(e.doc.get("centroid_encoder"), sort_keys=True) for e, _ in current.values()}
-    if len(encoders) != 1:
-        raise RegistryUnavailableError("--route auto: the domains' centroids come from different encoders")
-    state = [source.id, threshold] + sorted([d, e.version, e.doc["model"]["id"]] for d, (e, _) in current.items())
-    signature = "auto-" + hashlib.sha256(json.dumps(state).encode()).hexdigest()[:12]
-    versions = {d: e.version for d, (e, _) in current.items()}
-    model = ModelRef(spec=auto_spec(registry, threshold, source.spec, versions), id=signature, scale=source.scale)
-    return SingleModelRouter(model, domain="auto")
+
+def pack_embedding(embedding: np.ndarray) -> bytes:
+    """How rows and the index keep a routing embedding: float16, 1 KB for 512 dimensions."""
+    return np.asarray(embedding, dtype="<f2").tobytes()
+
+
+def unpack_embedding(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, dtype="<f2").astype(np.float32)
+
+
+class AutoRouter:
+    """``--route auto`` on the planner: new inputs go to the per-image chooser under the routing
+    signature; inputs with a stored embedding are routed here, to a concrete domain model."""
+
+    def __init__(self, registry: str, source: ModelRef, threshold: float,
+                 resolve: Callable[[str | None], ModelRef] = lambda ref: resolve_model(ref, None)) -> None:
+        from clipsr.registry import Registry
+
+        current = Registry(registry).centroids()
+        if not current:
+            raise RegistryUnavailableError(f"--route auto: no domain in {registry} has a current version with a centroid")
+        encoders = {json.dumps(e.doc.get("centroid_encoder"), sort_keys=True) for e, _ in current.values()}
+        if len(encoders) != 1:
+            raise RegistryUnavailableError("--route auto: the domains' centroids come from different encoders")
+        self.source, self.threshold = source, threshold
+        self.domains = sorted(current)
+        self.centroids = np.stack([current[d][1] for d in self.domains]).astype(np.float32)
+        self.models = []
+        for d in self.domains:
+            entry = current[d][0]
+            ref = resolve(entry.ref)
+            self.models.append(ModelRef(spec=entry.ref, id=ref.id, scale=ref.scale, version=f"v{entry.version}",
+                                        clip_encoder=ref.clip_encoder))
+        state = [source.id, threshold] + sorted([d, e.version, e.doc["model"]["id"]] for d, (e, _) in current.items())
+        signature = "auto-" + hashlib.sha256(json.dumps(state).encode()).hexdigest()[:12]
+        versions = {d: e.version for d, (e, _) in current.items()}
+        self._chooser = Route("auto", ModelRef(spec=auto_spec(registry, threshold, source.spec, versions),
+                                               id=signature, scale=source.scale))
+
+    def route(self, key: str) -> Route:
+        return self._chooser
+
+    def reroute(self, embedding: bytes) -> Route:
+        """The route of an input whose embedding an earlier run stored."""
+        best, similarity = nearest(unpack_embedding(embedding), self.centroids, self.threshold)
+        if best is None:
+            return Route(DEFAULT_DOMAIN, self.source, similarity)
+        return Route(self.domains[best], self.models[best], similarity)
 
 
 class AutoChooser:
@@ -160,7 +204,7 @@ class AutoChooser:
         registry = Registry(conf["registry"])
         self.domains = sorted(conf["versions"])
         self.entries = [registry.get(d, conf["versions"][d]) for d in self.domains]
-        self.centroids = [e.centroid for e in self.entries]
+        self.centroids = np.stack([e.centroid for e in self.entries]).astype(np.float32)
         want = EncoderIdentity.from_dict(self.entries[0].doc["centroid_encoder"])
         seed = int(want.weights.split(":", 1)[1]) if want.weights.startswith("random:") else 0
         weights = None if want.weights.startswith("random:") else want.weights
@@ -168,17 +212,14 @@ class AutoChooser:
         if not self.encoder.identity.matches(want):
             raise ValueError(f"--route auto: cannot rebuild the centroid encoder {want.arch} {want.weights}")
 
-    def choose(self, image_rgb) -> tuple[str, str, str | None, float]:
-        """(model spec, domain, version, similarity) for one HxWx3 image."""
-        import numpy as np
-
+    def choose(self, image_rgb) -> tuple[str, str, str | None, float, np.ndarray]:
+        """(model spec, domain, version, similarity, embedding) for one HxWx3 image."""
         emb = self.encoder.embed_images([image_rgb])[0]
-        sims = [float(np.dot(emb, c)) for c in self.centroids]
-        best = int(np.argmax(sims))
-        if sims[best] < self.threshold:
-            return self.source, DEFAULT_DOMAIN, None, sims[best]
+        best, similarity = nearest(emb, self.centroids, self.threshold)
+        if best is None:
+            return self.source, DEFAULT_DOMAIN, None, similarity, emb
         entry = self.entries[best]
-        return entry.ref, self.domains[best], f"v{entry.version}", sims[best]
+        return entry.ref, self.domains[best], f"v{entry.version}", similarity, emb
 
 
 def load_route_map(uri: str) -> dict[str, str]:
@@ -213,7 +254,7 @@ def build_router(
             raise ValueError(f"--route takes 'auto', got {route!r}")
         if registry is None:
             raise RegistryUnavailableError("--route auto needs --models REGISTRY")
-        return auto_router(registry, model, threshold)
+        return AutoRouter(registry, model, threshold)
     if domain is not None:
         return SingleModelRouter(resolve(registry, domain), domain)
     if route_map is not None:

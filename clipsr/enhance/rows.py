@@ -20,7 +20,7 @@ PLAN = pa.schema([
     ("output_format", pa.string()), ("input_size", pa.int64()), ("input_etag", pa.string()),
     ("input_mtime_ms", pa.int64()), ("scale", pa.int32()), ("domain", pa.string()),
     ("model_spec", pa.string()), ("model_id", pa.string()), ("model_version", pa.string()),
-    ("route_similarity", pa.float64()), ("clip_encoder", pa.string()),
+    ("route_similarity", pa.float64()), ("clip_encoder", pa.string()), ("route_embedding", pa.binary()),
 ])
 
 _ADDED = [
