@@ -105,6 +105,48 @@ def test_parallel_domains_publish_and_a_broken_one_is_reported(ray_local, s3_buc
     assert reg.get("photos", 1).doc == Registry(registry).get("photos", 1).doc
 
 
+def test_the_gate_judges_the_published_weights_and_never_promotes_a_worse_model(source, tmp_path):
+    """Three real adaptations of one domain: one whose learning rate makes it diverge (nothing
+    becomes current), a sane one (current, its recorded score that of the published weights on the
+    held-out shots), then the diverging one again (published, but the sane one stays current)."""
+    from clipsr.adapt.run import adapt_one
+    from clipsr.evaluate import evaluate
+    from clipsr.factory import load_upscaler
+    from clipsr.registry import Registry
+
+    folder = _domain(str(tmp_path / "data"), "maps", n=5)
+    registry = Registry(str(tmp_path / "registry"))
+    s = dataclasses.replace(SETTINGS, holdout=2)
+    diverging, sane = (dataclasses.replace(s, candidates=(("all", lr),)) for lr in (5.0, 1e-3))
+
+    def adapt(settings: AdaptSettings):
+        row = adapt_one(DomainSpec.shorthand(f"maps={folder}", 5, 2), source, settings, registry.uri,
+                        {"arch": "color-stats"}, threads=1)
+        assert row["status"] == "ok", row
+        return registry.get("maps", row["version"])
+
+    worse = adapt(diverging)
+    assert worse.doc["scores"]["gain_db"] < 0 and not worse.promoted
+    assert registry.current("maps") is None
+
+    better = adapt(sane)
+    scores = better.doc["scores"]
+    assert scores["gain_db"] > 0 and better.promoted and registry.current("maps").version == better.version
+    assert scores["gate"] == "heldout_psnr_y_after > heldout_psnr_y_before"
+    uris = storage.list_images(folder)
+    assert [(e["uri"], e["role"]) for e in better.doc["exemplars"]] == (
+        [(u, "train") for u in uris[:3]] + [(u, "heldout") for u in uris[3:]])
+    # the published weights, loaded from the registry and scored by `clipsr evaluate`'s code on the
+    # held-out shots (the folder's last two), give the score that decided promotion
+    rescored = evaluate(load_upscaler(better.ref), {"maps": folder}, skip_first=3)["datasets"]["maps"]
+    assert rescored["images"] == 2
+    assert scores["heldout_psnr_y_after"] == pytest.approx(rescored["psnr_y"], abs=1e-9)
+
+    again = adapt(diverging)
+    assert again.version > better.version and not again.promoted
+    assert registry.current("maps").version == better.version
+
+
 def test_a_delta_refuses_a_different_parent(source, tmp_path):
     from clipsr.factory import encode_checkpoint
 
