@@ -48,11 +48,12 @@ def test_adapt_domain_stores_only_what_changed(source, tmp_path):
     model, meta = load_checkpoint(source)
     shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(4)]
     result = adapt_domain(model, meta, shots, SETTINGS)
-    # 4 probe steps (a quarter of max_steps), then 12 more: on all shots if the probe beat the
-    # source model, else on the same shots, scored on the held-out one again at the end
+    # 4 probe steps (a quarter of max_steps), then 12 more on the same shots; the held-out one is
+    # never trained on, and scores the weights returned after their last step
     curve = result.curve["adaptive+bias@0.001"]
-    assert [step for step, _ in curve] == ([4] if curve[0][1] > result.heldout_before else [4, 16])
+    assert [step for step, _ in curve] == [4, 16]
     assert (result.steps, result.probe_steps) == (16, 4)
+    assert (result.train_shots, result.heldout_shots) == ([0, 1, 2], [3])
     assert result.heldout_after == curve[-1][1]
     changed = {k for k, v in result.model.state_dict().items() if not torch.equal(v, model.state_dict()[k])}
     assert changed <= set(model.adaptation_names("adaptive+bias"))
@@ -102,6 +103,48 @@ def test_parallel_domains_publish_and_a_broken_one_is_reported(ray_local, s3_buc
     rows2 = adapt_many(specs[:1], source, SETTINGS, registry, {"arch": "color-stats"}, cpus_per_domain=0.5)
     assert rows2[0]["version"] == 2
     assert reg.get("photos", 1).doc == Registry(registry).get("photos", 1).doc
+
+
+def test_the_gate_judges_the_published_weights_and_never_promotes_a_worse_model(source, tmp_path):
+    """Three real adaptations of one domain: one whose learning rate makes it diverge (nothing
+    becomes current), a sane one (current, its recorded score that of the published weights on the
+    held-out shots), then the diverging one again (published, but the sane one stays current)."""
+    from clipsr.adapt.run import adapt_one
+    from clipsr.evaluate import evaluate
+    from clipsr.factory import load_upscaler
+    from clipsr.registry import Registry
+
+    folder = _domain(str(tmp_path / "data"), "maps", n=5)
+    registry = Registry(str(tmp_path / "registry"))
+    s = dataclasses.replace(SETTINGS, holdout=2)
+    diverging, sane = (dataclasses.replace(s, candidates=(("all", lr),)) for lr in (5.0, 1e-3))
+
+    def adapt(settings: AdaptSettings):
+        row = adapt_one(DomainSpec.shorthand(f"maps={folder}", 5, 2), source, settings, registry.uri,
+                        {"arch": "color-stats"}, threads=1)
+        assert row["status"] == "ok", row
+        return registry.get("maps", row["version"])
+
+    worse = adapt(diverging)
+    assert worse.doc["scores"]["gain_db"] < 0 and not worse.promoted
+    assert registry.current("maps") is None
+
+    better = adapt(sane)
+    scores = better.doc["scores"]
+    assert scores["gain_db"] > 0 and better.promoted and registry.current("maps").version == better.version
+    assert scores["gate"] == "heldout_psnr_y_after > heldout_psnr_y_before"
+    uris = storage.list_images(folder)
+    assert [(e["uri"], e["role"]) for e in better.doc["exemplars"]] == (
+        [(u, "train") for u in uris[:3]] + [(u, "heldout") for u in uris[3:]])
+    # the published weights, loaded from the registry and scored by `clipsr evaluate`'s code on the
+    # held-out shots (the folder's last two), give the score that decided promotion
+    rescored = evaluate(load_upscaler(better.ref), {"maps": folder}, skip_first=3)["datasets"]["maps"]
+    assert rescored["images"] == 2
+    assert scores["heldout_psnr_y_after"] == pytest.approx(rescored["psnr_y"], abs=1e-9)
+
+    again = adapt(diverging)
+    assert again.version > better.version and not again.promoted
+    assert registry.current("maps").version == better.version
 
 
 def test_a_delta_refuses_a_different_parent(source, tmp_path):
@@ -248,8 +291,8 @@ def test_the_candidate_best_on_heldout_shots_is_trained_on_and_a_harmful_one_nev
     assert result.steps > result.probe_steps > 0
     assert result.seconds < s.budget_seconds + 2.0  # the budget bounds probing and training together
 
-    # a probe that loses to the source model trains on without the held-out shots and is judged
-    # again at the end; still worse, so it would be kept but not promoted
+    # a candidate that loses to the source model is trained on all the same and judged at the end;
+    # still worse, so it would be kept but not promoted
     only_harmful = adapt_domain(model, meta, shots, dataclasses.replace(s, candidates=(harmful,)))
     assert [step for step, _ in only_harmful.curve["all@5"]] == [only_harmful.probe_steps, only_harmful.steps]
     assert only_harmful.steps > only_harmful.probe_steps and only_harmful.gain_db < 0

@@ -75,10 +75,13 @@ def adapt_one(
         # Recorded as it ran: "auto" precision resolved on this worker's hardware.
         settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
         result = adapt_domain(source, smeta, shots, settings)
+        role = {**dict.fromkeys(result.train_shots, "train"), **dict.fromkeys(result.heldout_shots, "heldout")}
+        exemplars = [{**e, "role": role[i]} for i, e in enumerate(exemplars)]
         centroid, centroid_encoder = _centroid(shots, routing_encoder)
         scores = {
             "heldout_psnr_y_before": result.heldout_before, "heldout_psnr_y_after": result.heldout_after,
-            "gain_db": result.gain_db, "heldout_shots": settings.holdout, "selection_curve": result.curve,
+            "gain_db": result.gain_db, "heldout_shots": len(result.heldout_shots),
+            "gate": "heldout_psnr_y_after > heldout_psnr_y_before", "selection_curve": result.curve,
         }
         chosen = {"scope": result.scope, "lr": result.lr, "steps": result.steps,
                   "probe_steps": result.probe_steps, "selection": dataclasses.asdict(settings)}
@@ -91,7 +94,7 @@ def adapt_one(
             metrics=scores, settings=chosen,
             delta_keys=None if result.scope == "all" else result.model.adaptation_names(result.scope),
         )
-        promoted = result.gain_db > 0
+        promoted = result.heldout_after > result.heldout_before
         entry = {
             "domain": spec.name,
             "created": utc_now(),
@@ -105,7 +108,8 @@ def adapt_one(
             "seconds": time.perf_counter() - t0,
             "code_revision": code_revision(),
             "promoted": promoted,
-            "reason": (f"held-out Y-PSNR {result.gain_db:+.3f} dB vs the source model"
+            "reason": (f"the published weights' Y-PSNR on {len(result.heldout_shots)} held-out exemplars, never "
+                       f"trained on: {result.gain_db:+.3f} dB vs the source model"
                        + ("" if promoted else ": not better, kept but not promoted")),
             "notes": spec.notes,
         }

@@ -22,7 +22,7 @@ class AdaptSettings:
     final_lr_ratio: float = 0.05  # the continuation decays the learning rate to this fraction
     chunk: int = 10  # steps between looks at the clock
     # Training of the chosen candidate in all (probe and continuation): at most patches_per_shot
-    # patches per exemplar and max_steps steps (tests use small ones); the probe takes
+    # patches per exemplar trained on and max_steps steps (tests use small ones); the probe takes
     # probe_fraction of them.
     patches_per_shot: int = 2400
     max_steps: int = 100_000
@@ -31,7 +31,7 @@ class AdaptSettings:
     patch_tries: int = 1  # >1: each patch is the most textured of this many random positions
     warmup_steps: int = 100  # the learning rate ramps up linearly over the first steps
     loss: str = "luma-l1"  # "luma-l1" (BT.601 Y, what the domain is scored on) or "l1" (RGB)
-    holdout: int = 2
+    holdout: int = 2  # the last exemplars, never trained on: they choose the candidate and gate promotion
     seed: int = 0
     device: str = "cpu"  # "cuda" when the domain's task was given a GPU
     precision: str = "auto"  # training arithmetic: auto (bf16 on CPUs with AVX-512 BF16), bf16 or fp32
