@@ -97,7 +97,7 @@ def _outputs(client, bucket: str) -> dict[str, str]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="out/"):
         for obj in page.get("Contents", ()):
             key = obj["Key"][len("out/"):]
-            if key.split("/", 1)[0] not in ("_manifests", "_index", "_runs", "_lock"):
+            if key.split("/", 1)[0] not in ("_manifests", "_index", "_runs", "_lock", "_owner.json"):
                 found[key] = obj["ETag"]
     return found
 

@@ -67,17 +67,30 @@ def test_run_ids_start_with_the_utc_start_time_and_sort_by_it():
         new_run_id(dt.datetime(2026, 1, 1))
 
 
-def test_layout_refuses_overwriting_inputs_and_excludes_its_own_outputs(tmp_path):
-    with pytest.raises(ValueError, match="must differ"):
-        RunLayout.create(str(tmp_path), str(tmp_path) + "/", None, RUN)
-    layout = RunLayout.create(str(tmp_path), f"{tmp_path}/enhanced", None, RUN)
-    assert layout.manifest == f"{tmp_path}/enhanced/_manifests"
-    assert layout.excluded_input_prefixes() == ["enhanced/", "enhanced/_manifests/"]
+def test_layout_derives_every_path_from_the_output_prefix(tmp_path):
+    layout = RunLayout.create(f"{tmp_path}/in", f"{tmp_path}/enhanced", None, RUN)
+    assert layout.manifest == f"{tmp_path}/enhanced/_manifests" and layout.owner == f"{tmp_path}/enhanced/_owner.json"
     assert layout.manifest_run() == f"{tmp_path}/enhanced/_manifests/run={RUN}"
     s3 = RunLayout.create("s3://b/in/", "s3://b/out", "s3://b/reports", RUN)
     assert (s3.input, s3.lock, s3.manifest_run()) == ("s3://b/in", "s3://b/out/_lock", f"s3://b/reports/run={RUN}")
-    with pytest.raises(ValueError, match="own state"):
-        RunLayout.create("s3://b/out/_index", "s3://b/out", None, RUN)
+    # prefixes that only share the start of a name do not overlap
+    assert RunLayout.create("s3://b/archive", "s3://b/archive2", "s3://b/archive-manifests", RUN)
+
+
+@pytest.mark.parametrize("inp, out, manifest, flag, why", [
+    ("s3://b/in", "s3://b/in/", None, "--output", "same prefix"),
+    ("s3://b/archive", "s3://b", None, "--output", "'archive/x.png' would be written over the input 'x.png'"),
+    ("s3://b/out/_index", "s3://b/out", None, "--output", "--input lies inside --output"),
+    ("s3://b/in", "s3://b/in/enhanced", None, "--output", "--output lies inside --input"),
+    ("s3://b/in", "s3://b/out", "s3://b/in/_manifests", "--manifest", "--manifest lies inside --input"),
+    ("s3://b/in", "s3://b/out", "s3://b", "--manifest", "--input lies inside --manifest"),
+    ("s3://b/in", "s3://b/out", "s3://b/in", "--manifest", "same prefix"),
+])
+def test_layout_refuses_input_and_output_or_manifest_prefixes_that_overlap(inp, out, manifest, flag, why):
+    with pytest.raises(ValueError, match="overlap") as refused:
+        RunLayout.create(inp, out, manifest, RUN)
+    message = str(refused.value)
+    assert message.startswith(f"{flag} ") and why in message and "do not contain each other" in message
 
 
 def test_listing_leaves_out_outputs_inside_the_input_and_stops_at_the_limit(tmp_path):

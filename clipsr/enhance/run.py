@@ -2,10 +2,12 @@
 
 Order of events (each step's output is what makes the next one safe to rerun):
 
-1. resolve the model and the router (fail fast: exit 1 before anything is written);
-2. check that the store enforces conditional writes, take the lock on the output prefix, register
-   the run in the index (``in_progress``); from here on the lock is checked before every write of
-   state and at every progress report, and a lost lock stops the run (exit 1);
+1. refuse overlapping prefixes and an output prefix that belongs to another input (owner.py),
+   resolve the model and the router (fail fast: exit 1 before anything is written);
+2. check that the store enforces conditional writes, take the lock on the output prefix, claim the
+   output prefix for this input if no input has, register the run in the index (``in_progress``);
+   from here on the lock is checked before every write of state and at every progress report, and
+   a lost lock stops the run (exit 1);
 3. plan on the driver (plan.py): every listed key becomes a plan row, or a skipped/failed
    manifest row written at once;
 4. run the Ray Data pipeline over the plan: each output is committed, then its row streams back to
@@ -34,7 +36,7 @@ from typing import TextIO
 from clipsr import storage
 from clipsr.ray_runtime import init_ray, worker_env
 from clipsr.enhance import index as idx
-from clipsr.enhance import plan
+from clipsr.enhance import owner, plan
 from clipsr.enhance.layout import RunLayout, new_run_id
 from clipsr.enhance.listing import iter_inputs
 from clipsr.enhance.lock import RunLock, require_conditional_store
@@ -84,6 +86,7 @@ def run_enhance(opts: EnhanceOptions, progress: TextIO | None = None) -> RunResu
     try:
         opts.check()
         layout = RunLayout.create(opts.input, opts.output, opts.manifest, run_id)
+        owner.check(layout)
         model = resolve_model(_absolute_spec(opts.model), opts.scale)
         router = build_router(model, opts.models, opts.route, opts.route_map, opts.domain,
                               threshold=opts.route_threshold)
@@ -123,8 +126,7 @@ def _plan(db: sqlite3.Connection, opts: EnhanceOptions, layout: RunLayout, route
         outputs = plan.load_outputs(db, storage.iter_objects(layout.output))
     except FileNotFoundError:  # a first run into a folder that does not exist yet
         outputs = 0
-    listed = plan.load_listing(db, iter_inputs(layout.input, layout.excluded_input_prefixes(), opts.limit),
-                               opts.format)
+    listed = plan.load_listing(db, iter_inputs(layout.input, [], opts.limit), opts.format)
     log.info("listed %d input keys, %d outputs; index holds %d keys", listed, outputs, loaded)
     return plan.decide(db, layout, router, scale, opts.format, sink)
 
@@ -149,6 +151,7 @@ def _dry_run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int
 def _run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int, lock: RunLock,
          progress: TextIO | None) -> RunResult:
     index = idx.IndexStore(layout.index)
+    owner.claim(layout)
     unfinished = index.begin(layout.run_id, layout.manifest)
     _remove_stale_run_folders(layout)
     with tempfile.TemporaryDirectory(prefix="clipsr-enhance-") as tmp:
