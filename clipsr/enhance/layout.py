@@ -3,7 +3,7 @@
     <output>/<relative key>                      enhanced images (same relative key as the input)
     <output>/_owner.json                         the input prefix this output prefix belongs to (owner.py)
     <output>/_lock                               the run lock (lock.py)
-    <output>/_index/index.json, gen=<run>/...    latest ok state per key (index.py)
+    <output>/_index/index.json, gen=<run>/...    latest ok or permanently failed state per key (index.py)
     <output>/_runs/<run_id>/plan/part-*.parquet  the work list of a running job; removed when it ends
     <manifest>/run=<run_id>/part-*.parquet       manifest rows (default manifest: <output>/_manifests)
 
