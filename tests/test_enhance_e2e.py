@@ -97,7 +97,7 @@ def _outputs(client, bucket: str) -> dict[str, str]:
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix="out/"):
         for obj in page.get("Contents", ()):
             key = obj["Key"][len("out/"):]
-            if key.split("/", 1)[0] not in ("_manifests", "_index", "_runs", "_lock"):
+            if key.split("/", 1)[0] not in ("_manifests", "_index", "_runs", "_lock", "_owner.json"):
                 found[key] = obj["ETag"]
     return found
 
@@ -177,16 +177,18 @@ def test_enhance_an_s3_archive_then_rerun_incrementally(ray_local, s3_bucket, ti
     assert SECRET not in out + err
     session_logs = Path(ray_local._private.worker._global_node.get_session_dir_path()) / "logs"
     assert not [p for p in session_logs.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
-    assert json.loads(storage.read_bytes(f"{s3_bucket}/out/_index/index.json"))["rows"] == 9
+    assert json.loads(storage.read_bytes(f"{s3_bucket}/out/_index/index.json"))["rows"] == 9 + len(FAILED)
     assert not storage.exists(f"{s3_bucket}/out/_lock")
 
-    # 2. rerun: nothing new is processed or written; failures are tried again, each key once
+    # 2. rerun: nothing new is processed or written; the failures, all permanent, are carried
+    # forward unread and not counted again; each key once
     code, out, _ = _enhance(capsys, *args)
     summary = out.strip().splitlines()[-1]
-    assert "15 listed, 0 ok, 5 failed, 10 skipped" in summary and code == 2
+    assert "15 listed, 0 ok, 5 failed (5 carried forward), 10 skipped" in summary and code == 0
     rows2 = _manifest(s3_bucket, _run_id(summary))
     assert sorted(r["input_key"] for r in rows2) == sorted(listed)
-    assert all(r["previous_run_id"] == run1 for r in rows2 if r["input_key"] in expected)
+    assert all(r["previous_run_id"] == run1 for r in rows2 if r["input_key"] in set(expected) | FAILED)
+    assert {r["input_key"] for r in rows2 if r["carried_forward"]} == FAILED
     assert _outputs(client, bucket) == outputs
 
     # 3. outputs deleted: exactly those are redone; the others stay as they were
@@ -194,7 +196,7 @@ def test_enhance_an_s3_archive_then_rerun_incrementally(ray_local, s3_bucket, ti
         client.delete_object(Bucket=bucket, Key=f"out/{key}")
     code, out, _ = _enhance(capsys, *args, "--max-failed-fraction", "1")
     summary = out.strip().splitlines()[-1]
-    assert code == 0 and "15 listed, 2 ok, 5 failed, 8 skipped" in summary
+    assert code == 0 and "15 listed, 2 ok, 5 failed (5 carried forward), 8 skipped" in summary
     rows3 = {r["input_key"]: r for r in _manifest(s3_bucket, _run_id(summary))}
     assert {k for k, r in rows3.items() if r["status"] == "ok"} == {"photos/large.png", "grey16.png"}
     after = _outputs(client, bucket)

@@ -67,17 +67,30 @@ def test_run_ids_start_with_the_utc_start_time_and_sort_by_it():
         new_run_id(dt.datetime(2026, 1, 1))
 
 
-def test_layout_refuses_overwriting_inputs_and_excludes_its_own_outputs(tmp_path):
-    with pytest.raises(ValueError, match="must differ"):
-        RunLayout.create(str(tmp_path), str(tmp_path) + "/", None, RUN)
-    layout = RunLayout.create(str(tmp_path), f"{tmp_path}/enhanced", None, RUN)
-    assert layout.manifest == f"{tmp_path}/enhanced/_manifests"
-    assert layout.excluded_input_prefixes() == ["enhanced/", "enhanced/_manifests/"]
+def test_layout_derives_every_path_from_the_output_prefix(tmp_path):
+    layout = RunLayout.create(f"{tmp_path}/in", f"{tmp_path}/enhanced", None, RUN)
+    assert layout.manifest == f"{tmp_path}/enhanced/_manifests" and layout.owner == f"{tmp_path}/enhanced/_owner.json"
     assert layout.manifest_run() == f"{tmp_path}/enhanced/_manifests/run={RUN}"
     s3 = RunLayout.create("s3://b/in/", "s3://b/out", "s3://b/reports", RUN)
     assert (s3.input, s3.lock, s3.manifest_run()) == ("s3://b/in", "s3://b/out/_lock", f"s3://b/reports/run={RUN}")
-    with pytest.raises(ValueError, match="own state"):
-        RunLayout.create("s3://b/out/_index", "s3://b/out", None, RUN)
+    # prefixes that only share the start of a name do not overlap
+    assert RunLayout.create("s3://b/archive", "s3://b/archive2", "s3://b/archive-manifests", RUN)
+
+
+@pytest.mark.parametrize("inp, out, manifest, flag, why", [
+    ("s3://b/in", "s3://b/in/", None, "--output", "same prefix"),
+    ("s3://b/archive", "s3://b", None, "--output", "'archive/x.png' would be written over the input 'x.png'"),
+    ("s3://b/out/_index", "s3://b/out", None, "--output", "--input lies inside --output"),
+    ("s3://b/in", "s3://b/in/enhanced", None, "--output", "--output lies inside --input"),
+    ("s3://b/in", "s3://b/out", "s3://b/in/_manifests", "--manifest", "--manifest lies inside --input"),
+    ("s3://b/in", "s3://b/out", "s3://b", "--manifest", "--input lies inside --manifest"),
+    ("s3://b/in", "s3://b/out", "s3://b/in", "--manifest", "same prefix"),
+])
+def test_layout_refuses_input_and_output_or_manifest_prefixes_that_overlap(inp, out, manifest, flag, why):
+    with pytest.raises(ValueError, match="overlap") as refused:
+        RunLayout.create(inp, out, manifest, RUN)
+    message = str(refused.value)
+    assert message.startswith(f"{flag} ") and why in message and "do not contain each other" in message
 
 
 def test_listing_leaves_out_outputs_inside_the_input_and_stops_at_the_limit(tmp_path):
@@ -107,7 +120,7 @@ def _obj(key, size=10, etag="e1", mtime=1_700_000_000.0):
     return storage.ObjectInfo(uri=f"s3://in/{key}", key=key, size=size, etag=etag, mtime=mtime)
 
 
-def _decide(objects, fmt=None, index_rows=(), outputs=(), model=MODEL):
+def _decide(objects, fmt=None, index_rows=(), outputs=(), model=MODEL, retry_failed=False):
     db = sqlite3.connect(":memory:")
     plan.create_tables(db)
     idx.create_table(db)
@@ -116,12 +129,18 @@ def _decide(objects, fmt=None, index_rows=(), outputs=(), model=MODEL):
     plan.load_listing(db, objects, fmt)
     layout = RunLayout.create("s3://in", "s3://out", None, RUN)
     sink = ListSink()
-    counts = plan.decide(db, layout, SingleModelRouter(model), 4, fmt, sink)
+    counts = plan.decide(db, layout, SingleModelRouter(model), 4, fmt, sink, retry_failed=retry_failed)
     return counts, sink
 
 
-def _index_row(key, size=10, etag="e1", mtime_ms=1_700_000_000_000, model=MODEL.id, out_size=99, run="20261101T000000Z-000000"):
-    return (key, size, etag, mtime_ms, model, None, "default", 4, f"s3://out/{key}", out_size, run, None)
+def _index_row(key, size=10, etag="e1", mtime_ms=1_700_000_000_000, model=MODEL.id, out_size=99,
+               run="20261101T000000Z-000000", out_key=None, scale=4):
+    return (key, size, etag, mtime_ms, model, None, "default", scale, f"s3://out/{out_key or key}", out_size, run,
+            None, "ok", None)
+
+
+def _failed_row(key, error, size=10, etag="e1", run="20261101T000000Z-000000", scale=4):
+    return (key, size, etag, 1_700_000_000_000, None, None, None, scale, None, None, run, None, "failed", error)
 
 
 def _out(key, size=99):
@@ -183,3 +202,53 @@ def test_a_format_change_reprocesses_because_the_output_differs():
     _, sink = _decide([_obj("a.png")], fmt="webp", index_rows=[_index_row("a.png")],
                       outputs=[_out("a.png"), _out("a.webp")])
     assert [r["output_uri"] for r in sink.processed] == ["s3://out/a.webp"]
+
+
+def test_an_output_made_from_another_input_in_an_earlier_run_is_never_overwritten():
+    # a.png made a.webp in an earlier run; a new a.jpg (first in sorted order) maps to it too
+    index = [_index_row("a.png", out_key="a.webp")]
+    counts, sink = _decide([_obj("a.jpg"), _obj("a.png")], fmt="webp", index_rows=index, outputs=[_out("a.webp")])
+    assert sink.processed == [] and counts.statuses == {"failed": 1, "skipped": 1}
+    by_key = {r["input_key"]: r for r in sink.recorded}
+    assert by_key["a.png"]["status"] == "skipped"
+    assert by_key["a.jpg"]["status"] == "failed" and by_key["a.jpg"]["error"].startswith(
+        "output key collision: 'a.webp' is already the output of 'a.png', from an earlier run")
+    # a.png gone from the input, its output still there: still not overwritten
+    _, sink = _decide([_obj("a.jpg")], fmt="webp", index_rows=index, outputs=[_out("a.webp")])
+    assert sink.processed == [] and "already the output of 'a.png' from an earlier run" in sink.recorded[0]["error"]
+    # and once that output is deleted too, a.jpg may have the key
+    _, sink = _decide([_obj("a.jpg")], fmt="webp", index_rows=index)
+    assert [r["output_uri"] for r in sink.processed] == ["s3://out/a.webp"]
+
+
+def test_the_input_that_made_an_output_takes_it_back_before_the_others():
+    index = [_index_row("a.png", out_key="a.webp")]
+    _, sink = _decide([_obj("a.jpg"), _obj("a.png")], fmt="webp", index_rows=index)  # a.webp was deleted
+    assert [r["input_key"] for r in sink.processed] == ["a.png"]
+    assert sink.recorded[0]["input_key"] == "a.jpg" and "collision" in sink.recorded[0]["error"]
+
+
+CORRUPT = "truncated or corrupt image: image file is truncated"
+
+
+def test_a_permanent_failure_is_carried_forward_unread_while_the_input_is_unchanged():
+    objects = [_obj("bad.png"), _obj("grown.png", size=11), _obj("etag.png", etag="e2"), _obj("a/../b.png")]
+    index = [_failed_row("bad.png", CORRUPT), _failed_row("grown.png", CORRUPT), _failed_row("etag.png", CORRUPT),
+             _failed_row("a/../b.png", "unsafe key, not read: '..' path segment in key: 'a/../b.png'")]
+    counts, sink = _decide(objects, index_rows=index)
+    assert sorted(r["input_key"] for r in sink.processed) == ["etag.png", "grown.png"]
+    by_key = {r["input_key"]: r for r in sink.recorded}
+    assert set(by_key) == {"bad.png", "a/../b.png"} and counts.carried == 2 and counts.statuses == {"failed": 2}
+    bad = by_key["bad.png"]
+    assert bad["status"] == "failed" and bad["carried_forward"] is True
+    assert bad["previous_run_id"] == "20261101T000000Z-000000"
+    assert bad["error"] == f"carried forward from run 20261101T000000Z-000000: {CORRUPT}"
+    assert by_key["a/../b.png"]["carried_forward"] and counts.reasons == {"failed: carried forward": 2}
+
+
+def test_retry_failed_and_another_scale_read_permanent_failures_again():
+    index = [_failed_row("bad.png", CORRUPT)]
+    counts, sink = _decide([_obj("bad.png")], index_rows=index, retry_failed=True)
+    assert [r["input_key"] for r in sink.processed] == ["bad.png"] and counts.carried == 0
+    _, sink = _decide([_obj("bad.png")], index_rows=[_failed_row("bad.png", CORRUPT, scale=2)])
+    assert [r["input_key"] for r in sink.processed] == ["bad.png"]  # the pixel limit depends on the scale

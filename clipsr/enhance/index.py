@@ -1,13 +1,17 @@
-"""The incremental index: the latest ok state of every key, so a nightly run can skip unchanged
-inputs from the listing alone, without reading years of manifests.
+"""The incremental index: the latest state of every key that has one worth keeping, so a nightly
+run can decide from the listing alone, without reading years of manifests: an ok row lets it skip
+an unchanged input, a permanently failed row (clipsr.enhance.failures) lets it carry the failure
+forward without reading the input again. Transient failures are not kept: those inputs are retried.
 
 Stored under ``<output>/_index/``: ``index.json`` names the current generation's Parquet parts
 (one row per key, sorted by key) and the runs that started since it was written
 (``in_progress``). A run registers itself there when it starts and writes a new generation when
-it ends, folding in its own ok rows and those of every earlier run that never finished (killed,
-or failed before the end): their manifest parts hold an ok row only for outputs already committed,
-so a rerun skips exactly the finished images. Generations are written whole, then ``index.json``
-is replaced atomically, then old generations are removed. Runs are serialised by the lock.
+it ends, folding in its own rows and those of every earlier run that never finished (killed, or
+failed before the end): their manifest parts hold an ok row only for outputs already committed, so
+a rerun skips exactly the finished images. A failed row keeps the output its key had before, so
+that output stays the key's (plan.py refuses it to other inputs). Generations are written whole,
+then ``index.json`` is replaced atomically, then old generations are removed. Runs are serialised
+by the lock.
 
 Fenced: every write of ``index.json`` is conditional on the version this run itself wrote last
 (S3 ``If-Match``, created with ``If-None-Match``). A run that lost its lock finds that another run
@@ -17,6 +21,9 @@ lock starts later, so a stale run can never delete the parts a newer ``index.jso
 
 Held on the driver in SQLite on local disk (the ``idx`` table), never as a Python dict: memory
 stays flat at millions of keys.
+
+Version 2 added the ``status`` and ``error`` columns (failed rows); version 1 indexes (ok rows
+only) are read as such, and rewritten as version 2 by the next run.
 """
 from __future__ import annotations
 
@@ -29,25 +36,28 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from clipsr import storage
 from clipsr.enhance import manifest
+from clipsr.enhance.failures import is_permanent
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ROWS_PER_PART = 1_000_000
 SCHEMA = pa.schema([
     ("key", pa.string()), ("size", pa.int64()), ("etag", pa.string()), ("mtime_ms", pa.int64()),
     ("model_id", pa.string()), ("model_version", pa.string()), ("domain", pa.string()),
     ("scale", pa.int32()), ("output_uri", pa.string()), ("output_size", pa.int64()), ("run_id", pa.string()),
     ("route_embedding", pa.binary()),  # --route auto: routes the input again without reading it
+    ("status", pa.string()), ("error", pa.string()),  # version 2: "ok", or "failed" with the permanent reason
 ])
 _COLUMNS = SCHEMA.names
-_MANIFEST_COLUMNS = ["status", "input_key", "input_size", "input_etag", "input_mtime", "model_id",
-                     "model_version", "domain", "scale", "output_uri", "output_size", "run_id", "route_embedding"]
+_MANIFEST_COLUMNS = ["input_key", "input_size", "input_etag", "input_mtime", "model_id", "model_version", "domain",
+                     "scale", "output_uri", "output_size", "run_id", "route_embedding", "status",
+                     "error"]  # in _COLUMNS' order
 
 
 class IndexFencedError(RuntimeError):
@@ -69,16 +79,22 @@ class IndexMeta:
 def create_table(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE idx (key TEXT PRIMARY KEY, size INTEGER, etag TEXT, mtime_ms INTEGER, "
                "model_id TEXT, model_version TEXT, domain TEXT, scale INTEGER, output_uri TEXT, "
-               "output_size INTEGER, run_id TEXT, route_embedding BLOB)")
+               "output_size INTEGER, run_id TEXT, route_embedding BLOB, status TEXT, error TEXT)")
+    # plan.decide looks up who produced an output: by output URI, out of core at millions of keys
+    db.execute("CREATE INDEX idx_output ON idx (output_uri)")
 
 
+_KEPT_WHEN_NULL = ("output_uri", "output_size")  # a failed row has none; its key's earlier output stays its
 _UPSERT = (f"INSERT INTO idx ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))}) "
-           "ON CONFLICT(key) DO UPDATE SET " + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS[1:])
+           "ON CONFLICT(key) DO UPDATE SET "
+           + ", ".join(f"{c} = coalesce(excluded.{c}, idx.{c})" if c in _KEPT_WHEN_NULL else f"{c} = excluded.{c}"
+                       for c in _COLUMNS[1:])
            + " WHERE excluded.run_id >= idx.run_id")
 
 
 def upsert(db: sqlite3.Connection, rows: Iterable[tuple]) -> None:
-    """Insert or replace index rows; an older run's row never replaces a newer one's."""
+    """Insert or replace index rows (tuples in SCHEMA's order); an older run's row never replaces a
+    newer one's, and a failed row keeps the output its key had."""
     db.executemany(_UPSERT, rows)
 
 
@@ -99,7 +115,7 @@ class IndexStore:
         except FileNotFoundError:
             return IndexMeta(), None
         doc = json.loads(data)
-        if doc.get("version") != INDEX_VERSION:
+        if doc.get("version") not in READABLE_VERSIONS:
             raise ValueError(f"{self.meta_uri}: unsupported index version {doc.get('version')!r}")
         return IndexMeta(doc["generation"], list(doc["parts"]), int(doc["rows"]), list(doc["in_progress"])), token
 
@@ -122,7 +138,10 @@ class IndexStore:
         """Load the current generation into ``idx``; returns the number of rows."""
         count = 0
         for part in meta.parts:
-            table = _with_columns(pq.read_table(io.BytesIO(storage.read_bytes(f"{self.uri}/{part}"))), SCHEMA)
+            table = pq.read_table(io.BytesIO(storage.read_bytes(f"{self.uri}/{part}")))
+            if "status" not in table.column_names:  # version 1: ok rows only
+                table = table.append_column("status", pa.array(["ok"] * table.num_rows, pa.string()))
+            table = _with_columns(table, SCHEMA)
             for batch in table.to_batches(max_chunksize=50_000):
                 rows = list(zip(*(batch.column(c).to_pylist() for c in _COLUMNS)))
                 upsert(db, rows)
@@ -181,18 +200,22 @@ class IndexStore:
                 storage.delete(info.uri)
 
 
-def manifest_ok_rows(run_uri: str) -> Iterable[list[tuple]]:
-    """A run's ok rows as index rows, one list per manifest part."""
+def kept(status: str, error: str | None, carried_forward: bool | None) -> bool:
+    """Whether the index keeps a manifest row: ok, or failed for a permanent reason in the run that
+    read the input (a carried-forward row repeats an earlier run's, which the index already holds)."""
+    return status == "ok" or (status == "failed" and not carried_forward and is_permanent(error))
+
+
+def manifest_index_rows(run_uri: str) -> Iterable[list[tuple]]:
+    """A run's rows that the index keeps, as index rows, one list per manifest part."""
     for part in manifest.iter_parts(run_uri):
-        table = _with_columns(manifest.read_part(part), manifest.arrow_schema()).select(_MANIFEST_COLUMNS)
-        table = table.filter(pc.equal(table.column("status"), "ok"))
-        if table.num_rows == 0:
-            continue
-        mtime = table.column("input_mtime").cast(pa.int64()).to_pylist()
+        table = _with_columns(manifest.read_part(part), manifest.arrow_schema())  # older parts lack columns
         cols: dict[str, Any] = {c: table.column(c).to_pylist() for c in _MANIFEST_COLUMNS}
-        yield list(zip(cols["input_key"], cols["input_size"], cols["input_etag"], mtime, cols["model_id"],
-                       cols["model_version"], cols["domain"], cols["scale"], cols["output_uri"],
-                       cols["output_size"], cols["run_id"], cols["route_embedding"]))
+        cols["input_mtime"] = table.column("input_mtime").cast(pa.int64()).to_pylist()
+        carried = table.column("carried_forward").to_pylist()
+        rows = [row for row, c in zip(zip(*cols.values()), carried) if kept(row[-2], row[-1], c)]
+        if rows:
+            yield rows
 
 
 def _with_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
@@ -204,9 +227,9 @@ def _with_columns(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def merge_run(db: sqlite3.Connection, run_uri: str) -> int:
-    """Fold one run's ok rows into ``idx``; returns how many."""
+    """Fold one run's kept rows (:func:`kept`) into ``idx``; returns how many."""
     count = 0
-    for rows in manifest_ok_rows(run_uri):
+    for rows in manifest_index_rows(run_uri):
         upsert(db, rows)
         count += len(rows)
     return count

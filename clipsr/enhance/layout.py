@@ -1,13 +1,17 @@
 """Where a run's artefacts live, relative to the output prefix, and the names reserved for them.
 
     <output>/<relative key>                      enhanced images (same relative key as the input)
+    <output>/_owner.json                         the input prefix this output prefix belongs to (owner.py)
     <output>/_lock                               the run lock (lock.py)
-    <output>/_index/index.json, gen=<run>/...    latest ok state per key (index.py)
+    <output>/_index/index.json, gen=<run>/...    latest ok or permanently failed state per key (index.py)
     <output>/_runs/<run_id>/plan/part-*.parquet  the work list of a running job; removed when it ends
     <manifest>/run=<run_id>/part-*.parquet       manifest rows (default manifest: <output>/_manifests)
 
 An input whose output key would start with one of RESERVED is refused (a failed row), so that no
-image can overwrite the job's own state.
+image can overwrite the job's own state. Outputs are keyed by the relative key alone, so an input
+prefix and an output (or manifest) prefix that lie one inside the other are refused: the job would
+read its own outputs as inputs, or write over its originals (``archive/archive/x.png`` onto
+``archive/x.png``).
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from dataclasses import dataclass
 
 from clipsr import storage
 
-RESERVED = ("_lock", "_index", "_runs", "_manifests")
+RESERVED = ("_owner.json", "_lock", "_index", "_runs", "_manifests")
 RUN_ID_PATTERN = re.compile(r"^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{6}$")
 
 
@@ -49,11 +53,13 @@ class RunLayout:
     def create(cls, input_uri: str, output_uri: str, manifest_uri: str | None, run_id: str) -> "RunLayout":
         inp, out = _prefix(input_uri), _prefix(output_uri)
         man = _prefix(manifest_uri) if manifest_uri else f"{out}/_manifests"
-        if inp == out:
-            raise ValueError("--output must differ from --input (outputs would overwrite the originals)")
-        if _inside(out, inp) and storage.relative_key(out, inp).split("/", 1)[0] in RESERVED:
-            raise ValueError(f"--input {input_uri} lies inside the job's own state under {output_uri}")
+        _refuse_overlap("--output", out, inp)
+        _refuse_overlap("--manifest", man, inp)
         return cls(input=inp, output=out, manifest=man, run_id=run_id)
+
+    @property
+    def owner(self) -> str:
+        return f"{self.output}/_owner.json"
 
     @property
     def lock(self) -> str:
@@ -77,15 +83,23 @@ class RunLayout:
     def output_uri(self, output_key: str) -> str:
         return storage.join(self.output, output_key)
 
-    def excluded_input_prefixes(self) -> list[str]:
-        """Relative prefixes (ending in '/') inside the input that hold this job's outputs or
-        manifests: listing them as inputs would feed the job its own results."""
-        found = []
-        for uri in (self.output, self.manifest):
-            if _inside(self.input, uri):
-                found.append(storage.relative_key(self.input, uri) + "/")
-        return found
+
+def _refuse_overlap(flag: str, prefix: str, input_prefix: str) -> None:
+    """Raise ValueError when ``flag``'s prefix and the input prefix are one, or one lies inside the other."""
+    if prefix == input_prefix:
+        problem = "they are the same prefix, so the job would write over its inputs"
+    elif _inside(input_prefix, prefix):
+        problem = f"{flag} lies inside --input, so the job would list its own files as inputs"
+    elif _inside(prefix, input_prefix):
+        problem = f"--input lies inside {flag}, so the job would write among its inputs"
+        if flag == "--output":
+            rel = storage.relative_key(prefix, input_prefix)
+            problem += f" (the input key '{rel}/x.png' would be written over the input 'x.png')"
+    else:
+        return
+    raise ValueError(f"{flag} {prefix} and --input {input_prefix} overlap: {problem}; "
+                     "choose prefixes that do not contain each other")
 
 
 def _inside(parent: str, child: str) -> bool:
-    return child.startswith(parent + "/")
+    return child.startswith(parent.rstrip("/") + "/")

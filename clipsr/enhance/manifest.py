@@ -30,6 +30,7 @@ _ARROW_TYPES = {
     "int32": pa.int32(),
     "int64": pa.int64(),
     "float64": pa.float64(),
+    "bool": pa.bool_(),
     "timestamp[ms, tz=UTC]": pa.timestamp("ms", tz="UTC"),
     "binary": pa.binary(),
 }
@@ -52,6 +53,12 @@ def columns() -> list[str]:
     return arrow_schema().names
 
 
+@lru_cache(maxsize=1)
+def _defaults() -> dict[str, Any]:
+    """Values of the columns the published schema gives a default, for rows that leave them out."""
+    return {name: prop["default"] for name, prop in load_schema("manifest")["properties"].items() if "default" in prop}
+
+
 def part_name(keys: Iterable[str]) -> str:
     """``part-<16 hex>.parquet`` from the sorted input keys: same rows, same name."""
     digest = hashlib.sha256()
@@ -61,9 +68,11 @@ def part_name(keys: Iterable[str]) -> str:
 
 
 def to_table(rows: list[Mapping[str, Any]]) -> pa.Table:
-    """Manifest rows (dicts with at least the manifest's columns) as a table of the published schema."""
-    schema = arrow_schema()
-    return pa.Table.from_pylist([{name: row.get(name) for name in schema.names} for row in rows], schema=schema)
+    """Manifest rows (dicts with the manifest's columns; missing or None: null, or the schema's
+    default) as a table of the published schema."""
+    schema, defaults = arrow_schema(), _defaults()
+    return pa.Table.from_pylist([{name: defaults.get(name) if row.get(name) is None else row.get(name)
+                                  for name in schema.names} for row in rows], schema=schema)
 
 
 def write_part(rows: list[Mapping[str, Any]], run_uri: str) -> str:

@@ -25,6 +25,7 @@ class EnhanceOptions:
     max_failed_fraction: float = 0.01
     limit: int | None = None
     dry_run: bool = False
+    retry_failed: bool = False
     max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS
     image_timeout: float = 600.0
     clip_weights: str | None = None
@@ -95,6 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exit 2 when failed / (ok + failed) is above F (default 0.01)")
     p.add_argument("--limit", type=int, metavar="N", help="take only the first N listed keys")
     p.add_argument("--dry-run", action="store_true", help="list, route and count; write nothing")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="read again the inputs that an earlier run failed for a permanent reason (corrupt, not an "
+                        "image, over the pixel limit, unsafe key); by default they are carried forward unread "
+                        "while their key, size, ETag (mtime) and scale are unchanged, and not counted as failed again")
     p.add_argument("--max-output-pixels", type=_pixels, default=DEFAULT_MAX_OUTPUT_PIXELS, metavar="N",
                    help="refuse (a failed row) inputs whose output would have more pixels (default 64e6)")
     p.add_argument("--image-timeout", type=float, default=600.0, metavar="SECONDS",

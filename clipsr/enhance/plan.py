@@ -4,15 +4,21 @@ The input listing, the output listing and the index are streamed into SQLite tab
 driver's local disk and joined there, so the driver's memory does not grow with the number of
 keys (SQLite sorts and joins out of core). One ordered pass then decides each key:
 
+- inputs that an earlier run failed for a permanent reason (clipsr.enhance.failures), with the
+  same size, ETag (mtime where there is no ETag) and scale: failed again without being read,
+  ``carried_forward`` with the earlier run's reason, unless ``--retry-failed``;
 - unsafe keys and keys whose output would land in the job's own state: failed, never read;
 - hidden files and non-image names: skipped ("not an input");
-- two inputs with one output key (``--format`` maps ``a.png`` and ``a.jpg`` to ``a.webp``): the
-  first in sorted order (byte order of the key) wins, the later is failed, never an overwrite;
+- an output key that belongs to another input is failed, never an overwrite. It belongs to the
+  input whose index row names it (an earlier run made it from that input) while that input still
+  maps to it or the output object is still there. Otherwise, when two inputs map to one output
+  key (``--format`` maps ``a.png`` and ``a.jpg`` to ``a.webp``), the first in sorted order (byte
+  order of the key) wins;
 - unchanged inputs: skipped without being read. Unchanged means the index's latest ok row for the
-  key has the same size and ETag (mtime where there is no ETag), the same model id, scale and
-  output URI, and the output object is still there with the size that run wrote. Under
-  ``--route auto`` the model is the one the input's stored embedding routes to now, so a registry
-  change redoes only the inputs whose domain or domain version changed;
+  key has the same size and ETag (mtime), the same model id, scale and output URI, and the output
+  object is still there with the size that run wrote. Under ``--route auto`` the model is the one
+  the input's stored embedding routes to now, so a registry change redoes only the inputs whose
+  domain or domain version changed;
 - everything else: a plan row, written in parts for the Ray Data pipeline to read.
 
 Skipped and failed rows go straight to the manifest from here.
@@ -24,7 +30,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -48,6 +54,7 @@ class PlanCounts:
     listed: int = 0
     to_process: int = 0
     statuses: Counter = field(default_factory=Counter)  # failed / skipped decided here
+    carried: int = 0  # of the failed: carried forward from an earlier run (not attempted)
     reasons: Counter = field(default_factory=Counter)  # first part of each failed/skipped reason
     models: Counter = field(default_factory=Counter)  # model id -> inputs to process
 
@@ -178,58 +185,103 @@ def _route_columns(route: Route) -> dict[str, Any]:
             "route_similarity": route.similarity, "clip_encoder": route.model.clip_encoder}
 
 
-def _same_content(size, etag, mtime_ms, idx: tuple) -> bool:
-    """The listed object is the one the index row was made from: same size and ETag (or mtime)."""
-    i_size, i_etag, i_mtime = idx[:3]
-    same = (etag == i_etag) if etag and i_etag else (mtime_ms is not None and mtime_ms == i_mtime)
-    return same and size == i_size
+class _Prior(NamedTuple):
+    """The index row of a listed key (all None when it has none)."""
+    status: str | None
+    error: str | None
+    size: int | None
+    etag: str | None
+    mtime_ms: int | None
+    model_id: str | None
+    scale: int | None
+    output_uri: str | None
+    output_size: int | None
+    run_id: str | None
+    route_embedding: bytes | None
 
 
-def _unchanged(size, etag, mtime_ms, route: Route, scale: int, output_uri: str, idx: tuple, out_size) -> bool:
-    _, _, _, i_model, i_scale, i_output, i_output_size, i_run = idx
-    if i_run is None or out_size is None or out_size != i_output_size:
+def _same_content(size, etag, mtime_ms, prior: _Prior) -> bool:
+    """Same size and ETag as the index row; without ETags on either side, same mtime."""
+    same = (etag == prior.etag) if etag and prior.etag else (mtime_ms is not None and mtime_ms == prior.mtime_ms)
+    return same and size == prior.size
+
+
+def _unchanged(size, etag, mtime_ms, route: Route, scale: int, output_uri: str, prior: _Prior, out_size) -> bool:
+    if prior.status != "ok" or out_size is None or out_size != prior.output_size:
         return False
-    return (_same_content(size, etag, mtime_ms, idx) and i_model == route.model.id and i_scale == scale
-            and i_output == output_uri)
+    return (_same_content(size, etag, mtime_ms, prior) and prior.model_id == route.model.id
+            and prior.scale == scale and prior.output_uri == output_uri)
+
+
+def _failed_before(size, etag, mtime_ms, scale: int, prior: _Prior) -> bool:
+    """An earlier run failed this key with these very bytes, at this scale, for a permanent reason."""
+    return prior.status == "failed" and prior.scale == scale and _same_content(size, etag, mtime_ms, prior)
+
+
+def _carried_forward(prior: _Prior) -> dict[str, Any]:
+    return {"status": "failed", "carried_forward": True, "previous_run_id": prior.run_id,
+            "error": f"carried forward from run {prior.run_id}: {prior.error}"}
 
 
 def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int, fmt: str | None,
-           sink: PlanSink) -> PlanCounts:
-    """One ordered pass over the joined tables; every listed key goes to ``sink`` exactly once."""
-    counts = PlanCounts()
+           sink: PlanSink, retry_failed: bool = False) -> PlanCounts:
+    """One ordered pass over the joined tables; every listed key goes to ``sink`` exactly once.
+
+    Within an output key, the input that produced the output in an earlier run (``w``, its owner)
+    comes first, then the others in sorted order."""
+    db.create_function("output_uri", 1, lambda key: None if key is None else layout.output_uri(key),
+                       deterministic=True)
     cursor = db.execute(
-        "SELECT l.key, l.uri, l.size, l.etag, l.mtime_ms, l.kind, l.reason, l.out_key, "
-        "i.size, i.etag, i.mtime_ms, i.model_id, i.scale, i.output_uri, i.output_size, i.run_id, o.size, "
-        "i.route_embedding "
-        "FROM listing l LEFT JOIN idx i ON i.key = l.key LEFT JOIN outputs o ON o.key = l.out_key "
-        "ORDER BY l.out_key, l.key")
-    winner: tuple[str, str] | None = None  # (output key, input key) of the last candidate
+        "SELECT l.key, l.uri, l.size, l.etag, l.mtime_ms, l.kind, l.reason, l.out_key, l.out_uri, "
+        "i.status, i.error, i.size, i.etag, i.mtime_ms, i.model_id, i.scale, i.output_uri, i.output_size, i.run_id, "
+        "i.route_embedding, o.size, w.key, w.run_id "
+        "FROM (SELECT *, output_uri(out_key) AS out_uri FROM listing) l "
+        "LEFT JOIN idx i ON i.key = l.key LEFT JOIN outputs o ON o.key = l.out_key "
+        "LEFT JOIN idx w ON w.key = (SELECT x.key FROM idx x WHERE x.output_uri = l.out_uri "
+        "ORDER BY x.run_id DESC LIMIT 1) "
+        "ORDER BY l.out_key, l.key IS NOT w.key, l.key")
+    counts = PlanCounts()
+    winner: tuple[str, str, str] | None = None  # (output key, input key, why it won) of the last candidate
     reroute = getattr(router, "reroute", None)  # --route auto: a stored embedding routes on the driver
-    for key, uri, size, etag, mtime_ms, kind, reason, out_key, *rest in cursor:
-        idx, out_size, embedding = tuple(rest[:8]), rest[8], rest[9]
+    for key, uri, size, etag, mtime_ms, kind, reason, out_key, output_uri, *rest in cursor:
+        prior, (out_size, owner, owner_run) = _Prior(*rest[:11]), rest[11:]
         counts.listed += 1
         base = {"run_id": layout.run_id, "input_key": key, "input_uri": uri, "input_size": size,
                 "input_etag": etag, "input_mtime": mtime_ms, "scale": scale}
+        carried = not retry_failed and _failed_before(size, etag, mtime_ms, scale, prior)
         if kind != "candidate":
+            if carried:
+                _record(sink, counts, {**base, **_carried_forward(prior)})
+                continue
             status = "skipped" if kind == "ignored" else "failed"
             _record(sink, counts, {**base, "status": status, "error": reason})
             continue
-        if reroute is not None and embedding is not None and _same_content(size, etag, mtime_ms, idx):
+        embedding = prior.route_embedding
+        if reroute is not None and embedding is not None and _same_content(size, etag, mtime_ms, prior):
             route = reroute(embedding)
         else:
             route, embedding = router.route(key), None
-        output_uri = layout.output_uri(out_key)
         if winner is not None and winner[0] == out_key:
             _record(sink, counts, {**base, **_route_columns(route), "status": "failed",
                                    "error": f"output key collision: {out_key!r} is already the output of "
-                                            f"{winner[1]!r}, which comes first in sorted order; not overwritten"})
+                                            f"{winner[1]!r}, {winner[2]}; not overwritten"})
             continue
-        winner = (out_key, key)
-        if _unchanged(size, etag, mtime_ms, route, scale, output_uri, idx, out_size):
-            what = "ETag" if etag and idx[1] else "mtime"
+        if owner not in (None, key) and out_size is not None:
+            _record(sink, counts, {**base, **_route_columns(route), "status": "failed",
+                                   "error": f"output key collision: {out_key!r} is already the output of "
+                                            f"{owner!r} from an earlier run (recorded in run {owner_run}); "
+                                            "not overwritten"})
+            continue
+        winner = (out_key, key, f"from an earlier run (recorded in run {owner_run})" if owner == key
+                  else "which comes first in sorted order")
+        if carried:
+            _record(sink, counts, {**base, **_route_columns(route), **_carried_forward(prior)})
+            continue
+        if _unchanged(size, etag, mtime_ms, route, scale, output_uri, prior, out_size):
+            what = "ETag" if etag and prior.etag else "mtime"
             _record(sink, counts, {**base, **_route_columns(route), "status": "skipped",
-                                   "previous_run_id": idx[7],
-                                   "error": f"unchanged since run {idx[7]}: same size, {what}, model and output"})
+                                   "previous_run_id": prior.run_id,
+                                   "error": f"unchanged since run {prior.run_id}: same size, {what}, model and output"})
             continue
         counts.to_process += 1
         counts.models[route.model.id] += 1
@@ -242,5 +294,10 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
 
 def _record(sink: PlanSink, counts: PlanCounts, row: dict[str, Any]) -> None:
     counts.statuses[row["status"]] += 1
-    counts.reasons[f"{row['status']}: {row['error'].split(':', 1)[0]}"] += 1
+    if row.get("carried_forward"):
+        counts.carried += 1
+        head = "carried forward"
+    else:
+        head = row["error"].split(":", 1)[0]
+    counts.reasons[f"{row['status']}: {head}"] += 1
     sink.record(row)

@@ -2,19 +2,23 @@
 
 Order of events (each step's output is what makes the next one safe to rerun):
 
-1. resolve the model and the router (fail fast: exit 1 before anything is written);
-2. check that the store enforces conditional writes, take the lock on the output prefix, register
-   the run in the index (``in_progress``); from here on the lock is checked before every write of
-   state and at every progress report, and a lost lock stops the run (exit 1);
+1. refuse overlapping prefixes and an output prefix that belongs to another input (owner.py),
+   resolve the model and the router (fail fast: exit 1 before anything is written);
+2. check that the store enforces conditional writes, take the lock on the output prefix, claim the
+   output prefix for this input if no input has, register the run in the index (``in_progress``);
+   from here on the lock is checked before every write of state and at every progress report, and
+   a lost lock stops the run (exit 1);
 3. plan on the driver (plan.py): every listed key becomes a plan row, or a skipped/failed
    manifest row written at once;
 4. run the Ray Data pipeline over the plan: each output is committed, then its row streams back to
    the driver, which writes the manifest in parts every ``--commit-every`` seconds;
-5. fold this run's ok rows (and those of earlier unfinished runs) into a new index generation;
+5. fold this run's ok and permanently failed rows (and those of earlier unfinished runs) into a new
+   index generation;
 6. remove the plan, release the lock, print one summary line.
 
 Exit status: 0 when the run finished and failed / (ok + failed) is at most
-``--max-failed-fraction`` (skipped inputs were not attempted, so they count on neither side);
+``--max-failed-fraction`` (skipped inputs and failures carried forward from an earlier run were
+not attempted, so they count on neither side);
 2 when it finished above that; 1 when it could not complete (bad options, unreachable storage,
 a held lock, a crashed pipeline). Killed or failed at any point, a rerun finishes the rest: ok rows
 already in the manifest are folded into the index and their inputs skipped.
@@ -34,7 +38,7 @@ from typing import TextIO
 from clipsr import storage
 from clipsr.ray_runtime import init_ray, worker_env
 from clipsr.enhance import index as idx
-from clipsr.enhance import plan
+from clipsr.enhance import owner, plan
 from clipsr.enhance.layout import RunLayout, new_run_id
 from clipsr.enhance.listing import iter_inputs
 from clipsr.enhance.lock import RunLock, require_conditional_store
@@ -54,14 +58,20 @@ class RunResult:
     exit_code: int
     summary: str
     manifest_uri: str | None = None
-    counts: Counter = field(default_factory=Counter)  # ok / failed / skipped
+    counts: Counter = field(default_factory=Counter)  # ok / failed / skipped, carried_forward (of the failed)
     listed: int = 0
     dry_run: bool = False
 
 
+def attempted(counts: Counter) -> tuple[int, int]:
+    """(failed, attempted) of this run: failures carried forward were not attempted."""
+    failed = counts["failed"] - counts["carried_forward"]
+    return failed, counts["ok"] + failed
+
+
 def failed_fraction(counts: Counter) -> float:
-    attempted = counts["ok"] + counts["failed"]
-    return counts["failed"] / attempted if attempted else 0.0
+    failed, tried = attempted(counts)
+    return failed / tried if tried else 0.0
 
 
 def _absolute_spec(spec: str | None) -> str | None:
@@ -84,6 +94,7 @@ def run_enhance(opts: EnhanceOptions, progress: TextIO | None = None) -> RunResu
     try:
         opts.check()
         layout = RunLayout.create(opts.input, opts.output, opts.manifest, run_id)
+        owner.check(layout)
         model = resolve_model(_absolute_spec(opts.model), opts.scale)
         router = build_router(model, opts.models, opts.route, opts.route_map, opts.domain,
                               threshold=opts.route_threshold)
@@ -118,15 +129,14 @@ def _plan(db: sqlite3.Connection, opts: EnhanceOptions, layout: RunLayout, route
     loaded = index.load(db, index.read_meta())
     for run in unfinished:
         merged = idx.merge_run(db, f"{run['manifest']}/run={run['run_id']}")
-        log.info("folded %d ok rows of unfinished run %s into the index", merged, run["run_id"])
+        log.info("folded %d rows of unfinished run %s into the index", merged, run["run_id"])
     try:
         outputs = plan.load_outputs(db, storage.iter_objects(layout.output))
     except FileNotFoundError:  # a first run into a folder that does not exist yet
         outputs = 0
-    listed = plan.load_listing(db, iter_inputs(layout.input, layout.excluded_input_prefixes(), opts.limit),
-                               opts.format)
+    listed = plan.load_listing(db, iter_inputs(layout.input, [], opts.limit), opts.format)
     log.info("listed %d input keys, %d outputs; index holds %d keys", listed, outputs, loaded)
-    return plan.decide(db, layout, router, scale, opts.format, sink)
+    return plan.decide(db, layout, router, scale, opts.format, sink, retry_failed=opts.retry_failed)
 
 
 def _dry_run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int) -> RunResult:
@@ -140,15 +150,20 @@ def _dry_run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int
     models = ", ".join(f"{n} with {m}" for m, n in counts.models.most_common()) or "none"
     reasons = "; ".join(f"{n} {r}" for r, n in counts.reasons.most_common(5))
     summary = (f"clipsr enhance: dry run: {counts.listed} listed: would process {counts.to_process} ({models}), "
-               f"skip {counts.statuses['skipped']}, fail {counts.statuses['failed']}"
+               f"skip {counts.statuses['skipped']}, fail {counts.statuses['failed']}{_carried(counts.carried)}"
                + (f" [{reasons}]" if reasons else "") + "; nothing written (exit 0)")
-    return RunResult(layout.run_id, EXIT_OK, summary, counts=Counter(counts.statuses), listed=counts.listed,
-                     dry_run=True)
+    return RunResult(layout.run_id, EXIT_OK, summary, counts=Counter(counts.statuses, carried_forward=counts.carried),
+                     listed=counts.listed, dry_run=True)
+
+
+def _carried(count: int) -> str:
+    return f" ({count} carried forward)" if count else ""
 
 
 def _run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int, lock: RunLock,
          progress: TextIO | None) -> RunResult:
     index = idx.IndexStore(layout.index)
+    owner.claim(layout)
     unfinished = index.begin(layout.run_id, layout.manifest)
     _remove_stale_run_folders(layout)
     with tempfile.TemporaryDirectory(prefix="clipsr-enhance-") as tmp:
@@ -157,7 +172,7 @@ def _run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int, lo
             sink = plan.StorageSink(layout, lock.check)
             counts = _plan(db, opts, layout, router, scale, index, unfinished, sink)
             plan_parts = sink.close()
-            totals = Counter(counts.statuses)
+            totals = Counter(counts.statuses, carried_forward=counts.carried)
             if plan_parts:
                 done = _run_pipeline(opts, layout, plan_parts, counts.to_process, progress, lock.check)
                 if done["rows"] != counts.to_process:
@@ -213,16 +228,16 @@ def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str]
 
 def _finish(opts: EnhanceOptions, layout: RunLayout, listed: int, totals: Counter) -> RunResult:
     fraction = failed_fraction(totals)
-    attempted = totals["ok"] + totals["failed"]
+    failed, tried = attempted(totals)
     above = fraction > opts.max_failed_fraction
     code = EXIT_FAILED_ABOVE_THRESHOLD if above else EXIT_OK
     manifest_uri = layout.manifest_run() + "/"
     summary = (f"clipsr enhance: run {layout.run_id} finished: {listed} listed, {totals['ok']} ok, "
-               f"{totals['failed']} failed, {totals['skipped']} skipped; failed {totals['failed']} of "
-               f"{attempted} attempted ({fraction:.1%}) {'>' if above else '<='} {opts.max_failed_fraction:.1%}; "
-               f"manifest {manifest_uri} (exit {code})")
-    return RunResult(layout.run_id, code, summary, manifest_uri, Counter({k: totals[k] for k in ("ok", "failed", "skipped")}),
-                     listed)
+               f"{totals['failed']} failed{_carried(totals['carried_forward'])}, {totals['skipped']} skipped; "
+               f"failed {failed} of {tried} attempted ({fraction:.1%}) {'>' if above else '<='} "
+               f"{opts.max_failed_fraction:.1%}; manifest {manifest_uri} (exit {code})")
+    kinds = ("ok", "failed", "skipped", "carried_forward")
+    return RunResult(layout.run_id, code, summary, manifest_uri, Counter({k: totals[k] for k in kinds}), listed)
 
 
 def _iter_or_empty(uri: str):
