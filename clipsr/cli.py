@@ -197,7 +197,7 @@ def _run_bench_plan(args: argparse.Namespace) -> int:
     print(f"{result['keys']:,} keys planned in {result['total_s']:.1f} s (index load {s['load_index_s']:.1f}, "
           f"listings {s['load_listings_s']:.1f}, decide+write {s['decide_and_write_s']:.1f}, index commit "
           f"{s['commit_index_s']:.1f}); driver RSS {result['driver_rss_before_mb']:.0f} MB before, peak "
-          f"{result['driver_peak_rss_mb']:.0f} MB; index {result['index_mb']:.1f} MB; manifest "
+          f"{result['driver_peak_rss_mb']:.0f} MB; index {result['index_bytes'] / 2**20:.1f} MB; manifest "
           f"{result['manifest_bytes_per_ok_row']:.0f} bytes per enhanced row; results: {args.out}")
     return 0
 

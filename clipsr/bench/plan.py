@@ -132,7 +132,7 @@ def run(keys: int, workdir: str | None = None) -> dict[str, Any]:
             "total_s": round(sum(phases.values()), 2),
             "driver_rss_before_mb": before,
             "driver_peak_rss_mb": _peak_mb(),
-            "index_mb": round(_folder_bytes(layout.index) / 2**20, 1),
+            "index_bytes": _folder_bytes(layout.index),
             "index_rows": meta.rows,
             "plan_mb": round(_folder_bytes(layout.plan) / 2**20, 1),
             "manifest_bytes_per_skipped_row": round(manifest_bytes / max(1, counts.statuses["skipped"]), 1),
