@@ -140,6 +140,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", default="docs/bench/inference.json", help="where to write the JSON (path or URI)")
     q.set_defaults(func=_run_bench_inference)
     _add_bench_enhance(benches)
+    _add_bench_plan(benches)
     _add_bench_train(benches)
     _add_bench_adapt(benches)
     q = benches.add_parser(
@@ -173,6 +174,31 @@ def _run_bench_inference(args: argparse.Namespace) -> int:
     env = result["environment"]
     print(f"{env['cpu']}, {env['torch_threads']} torch thread(s), torch {env['torch']}, {env['date']}")
     print(f"results: {args.out}")
+    return 0
+
+
+def _add_bench_plan(benches: argparse._SubParsersAction) -> None:
+    q = benches.add_parser(
+        "plan", help="the driver at archive scale: planning N keys against an index of them",
+        description="Time and peak memory of the enhancement driver planning a synthetic listing of N keys "
+                    "(no image is read), the index it commits, and manifest bytes per row.")
+    q.add_argument("--keys", type=_positive_int, default=1_000_000, help="number of synthetic keys")
+    q.add_argument("--out", default="docs/bench/plan.json", help="where to write the JSON (path or URI)")
+    q.set_defaults(func=_run_bench_plan)
+
+
+def _run_bench_plan(args: argparse.Namespace) -> int:
+    from clipsr import storage
+    from clipsr.bench import plan
+
+    result = plan.run(args.keys)
+    storage.write_bytes_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
+    s = result["seconds"]
+    print(f"{result['keys']:,} keys planned in {result['total_s']:.1f} s (index load {s['load_index_s']:.1f}, "
+          f"listings {s['load_listings_s']:.1f}, decide+write {s['decide_and_write_s']:.1f}, index commit "
+          f"{s['commit_index_s']:.1f}); driver RSS {result['driver_rss_before_mb']:.0f} MB before, peak "
+          f"{result['driver_peak_rss_mb']:.0f} MB; index {result['index_bytes'] / 2**20:.1f} MB; manifest "
+          f"{result['manifest_bytes_per_ok_row']:.0f} bytes per enhanced row; results: {args.out}")
     return 0
 
 
@@ -282,6 +308,9 @@ def _add_bench_enhance(benches: argparse._SubParsersAction) -> None:
     q.add_argument("--model", help="model spec (default: random weights of --arch)")
     q.add_argument("--arch", default="cdasr-lite", help="architecture for random weights when --model is not given")
     q.add_argument("--threads", type=_positive_int, default=1, help="torch threads, for the loop and each actor")
+    q.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="network arithmetic of both (auto: bf16 on CPUs with AVX-512 BF16, else fp32)")
+    q.add_argument("--batch-size", type=_positive_int, default=16, help="rows per inference call of the Ray job")
     q.add_argument("--out", default="docs/bench/enhance.json", help="where to write the JSON (path or URI)")
     q.set_defaults(func=_run_bench_enhance)
 
@@ -290,7 +319,8 @@ def _run_bench_enhance(args: argparse.Namespace) -> int:
     from clipsr import storage
     from clipsr.bench import enhance_loop
 
-    result = enhance_loop.run(args.images, args.size, args.scale, args.threads, model=args.model, arch=args.arch)
+    result = enhance_loop.run(args.images, args.size, args.scale, args.threads, model=args.model, arch=args.arch,
+                              precision=args.precision, batch_size=args.batch_size)
     storage.write_bytes_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
     for name in ("plain_loop", "ray"):
         r = result[name]

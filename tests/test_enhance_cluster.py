@@ -21,6 +21,7 @@ from PIL import Image
 
 from clipsr import storage
 from clipsr.enhance import manifest
+from clipsr.inference import resolve_precision
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +95,7 @@ def test_inference_and_io_run_on_every_node_of_a_cluster(cluster, s3_bucket, tin
     assert sorted(r["input_key"] for r in rows) == keys
     nodes = Counter(r["infer_node_id"] for r in rows)
     assert len(nodes) == 2 and None not in nodes, nodes  # both one-CPU nodes ran inference
-    assert {r["precision"] for r in rows} == {"fp32"}
+    assert {r["precision"] for r in rows} == {resolve_precision("auto", "cpu")}
 
 
 def test_a_node_lost_mid_run_loses_no_output_and_duplicates_no_row(cluster, s3_bucket, tiny_checkpoint):

@@ -153,6 +153,47 @@ def test_exif_is_kept_where_the_output_format_can_hold_it_and_noted_where_not(tm
     assert rows["photo-as-bmp.jpg"]["notes"] == "EXIF dropped (BMP has no place for it)"
 
 
+def test_small_images_of_one_size_go_through_the_network_together(tmp_path, tiny):
+    rng = np.random.default_rng(4)
+    files = {f"s{i}.png": _png(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)) for i in range(5)}
+    files["grey.png"] = _png(rng.integers(0, 255, (12, 10), dtype=np.uint8))  # same size, one channel
+    files["other.png"] = _png(rng.integers(0, 255, (9, 7, 3), dtype=np.uint8))  # another size
+    decoded = decode_batch(_plan_rows(tmp_path, files, tiny), max_output_pixels=10**8)
+    stage = InferStage(threads=1, precision="fp32")
+    calls: list[int] = []
+    stage.upscaler(tiny[0], 2).model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    batched = _by_key(stage(decoded))
+    assert sorted(calls) == [1, 6]  # one pass for the six 12x10 images, one for the 9x7 one
+    for row in R.from_table(decoded):  # each on its own gives the same 8-bit output
+        stage.upscale_row(row)
+        alone, together = R.unpack(row["sr"]), R.unpack(batched[row["input_key"]]["sr"])
+        assert alone.shape == together.shape and np.abs(alone.astype(int) - together.astype(int)).max() <= 1
+    assert R.unpack(batched["grey.png"]["sr"]).shape == (24, 20, 1)
+    assert {r["precision"] for r in batched.values()} == {"fp32"}
+
+
+def test_bf16_on_the_cpu_agrees_with_fp32_and_rows_say_which_ran(tmp_path):
+    from clipsr.factory import load_upscaler
+    from clipsr.inference import resolve_precision
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "lite-x4.safetensors")
+    save_checkpoint(path, create_model("cdasr-lite", 4), "cdasr-lite")
+    yy, xx = np.mgrid[0:48, 0:40] / 48
+    lr = np.stack([np.sin(9 * xx + c) * np.cos(7 * yy) for c in range(3)], -1).astype(np.float32) * 0.4 + 0.5
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        up = load_upscaler(path, 4, precision=precision)
+        outs[precision] = imaging.to_uint8(up.upscale(lr)).astype(np.float64)
+        assert up.last_precision == precision
+    mse = np.mean((outs["fp32"] - outs["bf16"]) ** 2)
+    assert 10 * np.log10(255**2 / max(mse, 1e-12)) > 45
+    assert resolve_precision("auto", "cuda") == "fp32"
+    assert resolve_precision("auto", "cpu") == ("bf16" if torch.cpu._is_avx512_bf16_supported() else "fp32")
+    with pytest.raises(ValueError, match="fp16 inference is only supported on GPU"):
+        load_upscaler(path, 4, precision="fp16")
+
+
 def test_inference_failures_are_rows_not_crashes(tmp_path, tiny):
     files = {"a.png": _png(np.zeros((6, 6, 3), np.uint8)), "b.png": _png(np.zeros((6, 6, 3), np.uint8))}
     table = decode_batch(_plan_rows(tmp_path, files, tiny), max_output_pixels=10**8)

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from clipsr.adapt.settings import AdaptSettings
 from clipsr.adapt.shots import ShotPair, ShotSampler, degrade_shots
 from clipsr.evaluate import score_image
+from clipsr import inference
 from clipsr.inference import NetworkUpscaler
 from clipsr.metrics import Y_WEIGHTS
 from clipsr.models.cdasr import CDASR
@@ -71,9 +72,7 @@ def resolve_precision(precision: str, device: str) -> str:
     made them slower (22 ms against 19)."""
     if precision not in ("auto", "bf16", "fp32"):
         raise ValueError(f"precision must be auto, bf16 or fp32, got {precision!r}")
-    if precision != "auto":
-        return precision
-    return "bf16" if device == "cpu" and torch.cpu._is_avx512_bf16_supported() else "fp32"
+    return inference.resolve_precision(precision, device)  # the same rule as inference
 
 
 def heldout_psnr(model: CDASR, meta: dict[str, Any], images: list[np.ndarray], scale: int,

@@ -37,6 +37,7 @@ from clipsr.enhance.routing import resolve_model
 from clipsr.enhance.rows import WORK
 from clipsr.enhance.write import encode_write
 from clipsr.factory import create_model, save_checkpoint
+from clipsr.inference import resolve_precision
 
 
 def make_images(folder: str, count: int, size: int, seed: int = 0) -> None:
@@ -64,11 +65,12 @@ def _figures(images: int, seconds: float, output_pixels: int, peak_bytes: int, f
             "peak_memory_mb": round(peak_bytes / 2**20, 1)}
 
 
-def plain_loop(input_dir: str, output_dir: str, spec: str, scale: int | None, threads: int) -> dict[str, Any]:
+def plain_loop(input_dir: str, output_dir: str, spec: str, scale: int | None, threads: int,
+               precision: str = "auto") -> dict[str, Any]:
     """One process, one image after another; the model is loaded before the clock starts."""
     torch.set_num_threads(threads)
     model = resolve_model(spec, scale)
-    stage = InferStage(threads=threads)
+    stage = InferStage(threads=threads, precision=precision)
     stage.upscaler(model.spec, model.scale)
     infos = sorted(storage.iter_objects(input_dir), key=lambda o: o.key)
     pixels = failed = 0
@@ -127,7 +129,8 @@ class _TreeMemory:
         self._thread.join()
 
 
-def ray_job(input_dir: str, output_dir: str, spec: str, scale: int | None, threads: int) -> dict[str, Any]:
+def ray_job(input_dir: str, output_dir: str, spec: str, scale: int | None, threads: int | None,
+            precision: str = "auto", batch_size: int = 16) -> dict[str, Any]:
     """``run_enhance`` over the folder, Ray already running (started here if needed)."""
     import ray
 
@@ -139,7 +142,8 @@ def ray_job(input_dir: str, output_dir: str, spec: str, scale: int | None, threa
         with _TreeMemory() as memory:
             start = time.perf_counter()
             result = run_enhance(EnhanceOptions(input=input_dir, output=output_dir, model=spec, scale=scale,
-                                                threads=threads, device="cpu", max_failed_fraction=1.0))
+                                                threads=threads, device="cpu", max_failed_fraction=1.0,
+                                                precision=precision, batch_size=batch_size))
             seconds = time.perf_counter() - start
         if result.exit_code != 0:
             raise RuntimeError(result.summary)
@@ -156,17 +160,18 @@ def ray_job(input_dir: str, output_dir: str, spec: str, scale: int | None, threa
 
 
 def run(images: int, size: int, scale: int, threads: int, model: str | None = None, arch: str = "cdasr-lite",
-        workdir: str | None = None) -> dict[str, Any]:
+        workdir: str | None = None, precision: str = "auto", batch_size: int = 16) -> dict[str, Any]:
     """Both runs on ``images`` synthetic size x size inputs; returns the figures and their ratio."""
     with tempfile.TemporaryDirectory(prefix="clipsr-bench-enhance-", dir=workdir) as tmp:
         spec = model or random_checkpoint(arch, scale, tmp)
         inputs = str(Path(tmp, "in"))
         make_images(inputs, images, size)
-        loop = plain_loop(inputs, str(Path(tmp, "out-loop")), spec, scale, threads)
-        job = ray_job(inputs, str(Path(tmp, "out-ray")), spec, scale, threads)
+        loop = plain_loop(inputs, str(Path(tmp, "out-loop")), spec, scale, threads, precision)
+        job = ray_job(inputs, str(Path(tmp, "out-ray")), spec, scale, threads, precision, batch_size)
     return {
         "environment": environment(),
         "setup": {"images": images, "lr_size": size, "scale": scale, "threads": threads,
+                  "precision": resolve_precision(precision, "cpu"), "batch_size": batch_size,
                   "model": model or f"{arch} (random weights)"},
         "plain_loop": loop,
         "ray": job,

@@ -1,16 +1,20 @@
 """Stage 2: upscale decoded inputs in an actor that loads each model once.
 
-The actor keeps the last few models it used (routing may send it several). Large images are
-tiled by the upscaler (overlapping tiles, blended seams, memory bounded by the tile size), and
-reduced precision (bf16/fp16, GPU only) falls back to fp32 on non-finite outputs, both in
-clipsr.inference. The per-image time limit is checked before every forward call of the network
-(a forward pre-hook), so a runaway image stops within one tile batch; bicubic, which has no
-network, is checked when it returns.
+The actor keeps the last few models it used (routing may send it several). Each call takes a
+batch of rows: images no larger than a tile that share a model and a size go through the network
+together, as many as fill one batch of tiles (per-call overhead dominates small images); larger
+images are tiled by the upscaler (overlapping tiles, blended seams, memory bounded by the tile
+size). Reduced precision (bf16 by default on CPUs with AVX-512 BF16; bf16/fp16 on GPUs) falls
+back to fp32 on non-finite outputs, and each row records what ran. The per-image time limit is
+checked before every forward call of the network (a forward pre-hook), so a runaway image stops
+within one tile batch; a batch of small images gets the limit once per image, and if it fails,
+its images are run again one by one. Bicubic, which has no network, is checked when it returns.
 """
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -45,7 +49,7 @@ def _node() -> tuple[str | None, str | None]:
 class InferStage:
     """Ray Data actor UDF (``compute=ActorPoolStrategy``)."""
 
-    def __init__(self, device: str = "cpu", precision: str = "fp32", tile: int = 256,
+    def __init__(self, device: str = "cpu", precision: str = "auto", tile: int = 256,
                  clip_weights: str | None = None, threads: int | None = None,
                  image_timeout: float = 600.0, max_models: int = 2) -> None:
         if threads:
@@ -87,57 +91,101 @@ class InferStage:
                    route_embedding=pack_embedding(embedding))
         return chosen
 
-    def upscale_row(self, row: dict[str, Any]) -> None:
+    def _prepare(self, row: dict[str, Any]) -> tuple[Any, np.ndarray] | None:
+        """Route the row and load its model: (upscaler, LR image), or None when the row failed."""
         auto = row["model_spec"].startswith(AUTO_PREFIX)
         lr = to_float(R.unpack(row["lr"]))
         spec = self._route_auto(row, lr) if auto else row["model_spec"]
         up = self.upscaler(spec, int(row["scale"]))
-        network = getattr(up, "model", None)
         if auto:  # the row records the model that ran; the index compares it with the next run's route
             row["model_id"] = up.describe()["id"]
             R.add_note(row, f"routed to {row['model_id']}")
         elif up.describe()["id"] != row["model_id"]:
             R.fail(row, f"model {row['model_spec']} is now {up.describe()['id']}, not the {row['model_id']} "
                         "the run was planned with; rerun")
-            return
-        fallbacks = getattr(up, "fp32_fallbacks", 0)
+            return None
+        return up, lr
+
+    def _timed(self, run: Callable[[], Any], limit: float) -> tuple[Any, float]:
         start = time.monotonic()
-        self._deadline = start + self.image_timeout
+        self._deadline = start + limit
         try:
-            encoder = getattr(up, "encoder", None)
-            if encoder is not None:
-                embedding = up.embed(imaging.to_rgb(lr))
-                sr = up.upscale(lr, embedding=embedding)
-            else:
-                embedding, sr = None, up.upscale(lr)
+            out = run()
         finally:
             self._deadline = None
         elapsed = time.monotonic() - start
-        if elapsed > self.image_timeout:
+        if elapsed > limit:
             raise ImageTimeout(f"took {elapsed:.1f} s, over the per-image time limit of {self.image_timeout:g} s")
+        return out, elapsed
+
+    def upscale_row(self, row: dict[str, Any]) -> None:
+        """One row on its own, as a plain loop would run it (raises where ``__call__`` records)."""
+        prepared = self._prepare(row)
+        if prepared is not None:
+            self.upscale_one(row, *prepared)
+
+    def upscale_one(self, row: dict[str, Any], up: Any, lr: np.ndarray) -> None:
+        encoder = getattr(up, "encoder", None)
+        embedding = None if encoder is None else up.embed(imaging.to_rgb(lr))
+        sr, elapsed = self._timed(lambda: up.upscale(lr, embedding=embedding) if encoder is not None
+                                  else up.upscale(lr), self.image_timeout)
+        self._finish(row, up, sr, elapsed)
+        if embedding is not None and R.pending(row):
+            row["clip_cosine"] = float(np.dot(embedding, encoder.embed_images([imaging.to_rgb(sr)])[0]))
+
+    def upscale_group(self, rows: list[dict[str, Any]], up: Any, lrs: list[np.ndarray]) -> None:
+        """Small images of one model and size in one forward pass; each row gets its share of the time."""
+        srs, elapsed = self._timed(lambda: up.upscale_batch(lrs), self.image_timeout * len(rows))
+        for row, sr in zip(rows, srs):
+            self._finish(row, up, sr, elapsed / len(rows))
+
+    def _finish(self, row: dict[str, Any], up: Any, sr: np.ndarray, elapsed: float) -> None:
         if not np.isfinite(sr).all():
             R.fail(row, "model output has NaN or infinite values")
             return
-        row["infer_s"] = elapsed
-        row.update(infer_node_id=self.node_id, infer_node_ip=self.node_ip)
-        if isinstance(network, torch.nn.Module):
-            row["precision"] = "fp32" if up.fp32_fallbacks > fallbacks else up.precision
-        if embedding is not None:
-            row["clip_cosine"] = float(np.dot(embedding, encoder.embed_images([imaging.to_rgb(sr)])[0]))
+        row.update(infer_s=elapsed, infer_node_id=self.node_id, infer_node_ip=self.node_ip,
+                   precision=getattr(up, "last_precision", None))
         depth = output_bit_depth(int(row["input_bit_depth"]), row["output_format"])
         row["output_bit_depth"] = depth
         row["sr"] = R.pack(imaging.to_uint16(sr) if depth == 16 else imaging.to_uint8(sr))
         row["lr"] = None
 
+    def _guard(self, row: dict[str, Any], work: Callable[[], Any]) -> Any:
+        """Run one row's work and return its result; whatever goes wrong becomes that row's failure."""
+        try:
+            return work()
+        except ImageTimeout as e:
+            R.fail(row, f"inference stopped: {e}")
+        except Exception as e:  # noqa: BLE001  one bad input must not fail the dataset
+            R.fail(row, f"inference failed: {R.short_error(e)}")
+        return None
+
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = R.from_table(batch)
+        groups: dict[tuple[int, tuple[int, int]], list[tuple[dict[str, Any], Any, np.ndarray]]] = {}
         for row in rows:
             if not R.pending(row):
                 continue
-            try:
-                self.upscale_row(row)
-            except ImageTimeout as e:
-                R.fail(row, f"inference stopped: {e}")
-            except Exception as e:  # noqa: BLE001  one bad input must not fail the dataset
-                R.fail(row, f"inference failed: {R.short_error(e)}")
+            prepared = self._guard(row, lambda: self._prepare(row))
+            if prepared is None:
+                continue
+            up, lr = prepared
+            limit = up.batch_limit(*lr.shape[:2]) if hasattr(up, "batch_limit") else 0
+            if limit < 2:
+                self._guard(row, lambda: self.upscale_one(row, up, lr))
+                continue
+            group = groups.setdefault((id(up), lr.shape[:2]), [])
+            group.append((row, up, lr))
+            if len(group) == limit:
+                self._run_group(groups.pop((id(up), lr.shape[:2])))
+        for group in groups.values():
+            self._run_group(group)
         return R.to_table(rows)
+
+    def _run_group(self, group: list[tuple[dict[str, Any], Any, np.ndarray]]) -> None:
+        rows, up = [g[0] for g in group], group[0][1]
+        try:
+            self.upscale_group(rows, up, [g[2] for g in group])
+        except Exception:  # noqa: BLE001  one at a time, so each row gets its own result or reason
+            for row, _, lr in group:
+                self._guard(row, lambda: self.upscale_one(row, up, lr))

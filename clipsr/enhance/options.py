@@ -30,8 +30,9 @@ class EnhanceOptions:
     image_timeout: float = 600.0
     clip_weights: str | None = None
     device: str = "auto"
-    precision: str = "fp32"
+    precision: str = "auto"
     tile: int = 256
+    batch_size: int = 16
     actors: int | None = None
     max_actors: int | None = None
     actors_per_gpu: int = 1
@@ -53,6 +54,8 @@ class EnhanceOptions:
             raise ValueError(f"--image-timeout must be positive, got {self.image_timeout}")
         if self.format is not None and self.format.lower() not in FORMATS + ("jpg", "tif"):
             raise ValueError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.commit_every < 0:
             raise ValueError(f"--commit-every must be at least 0 seconds, got {self.commit_every}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -107,8 +110,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clip-weights", help="CLIP weights file/URI, for models trained with one")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="auto: cuda when the Ray cluster has GPUs")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="reduced precision on GPU only (checked for NaN, fp32 fallback)")
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                   help="network arithmetic (default auto: bf16 on CPUs with AVX-512 BF16, else fp32; fp16 on "
+                        "GPUs only; reduced precision is checked for NaN with an fp32 fallback; each manifest "
+                        "row records what ran)")
+    p.add_argument("--batch-size", type=int, default=16, metavar="N",
+                   help="rows per inference call; images within one tile that share a model and size go "
+                        "through the network together (default 16; lower it for very large images)")
     p.add_argument("--tile", type=int, default=256, help="LR tile size for inference (memory bound)")
     p.add_argument("--actors", type=int, metavar="N",
                    help="a fixed pool of N inference actors (default: from 1 to what the cluster's nodes hold, "

@@ -121,7 +121,8 @@ def plan_resources(nodes: Iterable[Mapping[str, float]], device: str = "auto", a
 
 
 def build_dataset(plan_parts: list[str], res: Resources, env: dict[str, str], max_output_pixels: int,
-                  precision: str, tile: int, clip_weights: str | None, image_timeout: float) -> ray.data.Dataset:
+                  precision: str, tile: int, clip_weights: str | None, image_timeout: float,
+                  batch_size: int = 16) -> ray.data.Dataset:
     """The lazy dataset of one run; iterating it runs the job and yields the written (or failed) rows."""
     remote: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     ds = ray.data.from_items([{"part": uri} for uri in plan_parts], override_num_blocks=max(1, len(plan_parts)))
@@ -140,7 +141,7 @@ def build_dataset(plan_parts: list[str], res: Resources, env: dict[str, str], ma
                         fn_kwargs={"max_output_pixels": max_output_pixels}, **remote)
     pool = ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors)
     ds = ds.map_batches(
-        InferStage, batch_size=1, batch_format="pyarrow", compute=pool,
+        InferStage, batch_size=batch_size, batch_format="pyarrow", compute=pool,
         num_cpus=res.actor_cpus, num_gpus=res.actor_gpus or None,
         fn_constructor_kwargs={"device": res.device, "precision": precision, "tile": tile,
                                "clip_weights": clip_weights, "threads": res.threads,

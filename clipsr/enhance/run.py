@@ -204,7 +204,8 @@ def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str]
                                       opts.actors_per_gpu)
         log.info("inference: %s", res.describe())
         ds = pipeline.build_dataset(plan_parts, res, worker_env(), opts.max_output_pixels, opts.precision,
-                                    opts.tile, _absolute_spec(opts.clip_weights), opts.image_timeout)
+                                    opts.tile, _absolute_spec(opts.clip_weights), opts.image_timeout,
+                                    opts.batch_size)
         writer = ManifestWriter(layout.run_id, layout.manifest_run(), fence=check_lock,
                                 every_s=opts.commit_every)
         start = last = time.monotonic()
