@@ -4,8 +4,10 @@ The input listing, the output listing and the index are streamed into SQLite tab
 driver's local disk and joined there, so the driver's memory does not grow with the number of
 keys (SQLite sorts and joins out of core). One ordered pass then decides each key:
 
-- unsafe keys and keys whose output would land in the job's own state: failed, never read;
+- unsafe keys, keys whose output would land in the job's own state and objects over
+  ``--max-input-bytes``: failed, never read;
 - hidden files and non-image names: skipped ("not an input");
+- image files of a format not decoded here: unsupported, never read;
 - two inputs with one output key (``--format`` maps ``a.png`` and ``a.jpg`` to ``a.webp``): the
   first in sorted order (byte order of the key) wins, the later is failed, never an overwrite;
 - unchanged inputs: skipped without being read. Unchanged means the index's latest ok row for the
@@ -13,7 +15,7 @@ keys (SQLite sorts and joins out of core). One ordered pass then decides each ke
   output URI, and the output object is still there with the size that run wrote;
 - everything else: a plan row, written in parts for the Ray Data pipeline to read.
 
-Skipped and failed rows go straight to the manifest from here.
+Skipped, unsupported and failed rows go straight to the manifest from here.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ from clipsr import storage
 from clipsr.enhance import manifest
 from clipsr.enhance import rows as R
 from clipsr.enhance.layout import RESERVED, RunLayout
-from clipsr.enhance.listing import classify_key, output_format
+from clipsr.enhance.listing import STATUS_BY_KIND, classify_key, output_format
 
 if TYPE_CHECKING:  # routing imports the model factory (torch); plan parts are read in light tasks
     from clipsr.enhance.routing import Route, Router
@@ -45,8 +47,8 @@ _INSERT_BATCH = 10_000
 class PlanCounts:
     listed: int = 0
     to_process: int = 0
-    statuses: Counter = field(default_factory=Counter)  # failed / skipped decided here
-    reasons: Counter = field(default_factory=Counter)  # first part of each failed/skipped reason
+    statuses: Counter = field(default_factory=Counter)  # failed / skipped / unsupported decided here
+    reasons: Counter = field(default_factory=Counter)  # first part of each of their reasons
     models: Counter = field(default_factory=Counter)  # model id -> inputs to process
 
 
@@ -141,11 +143,12 @@ def _batched(items: Iterable[tuple], size: int = _INSERT_BATCH) -> Iterator[list
         yield batch
 
 
-def load_listing(db: sqlite3.Connection, objects: Iterable[storage.ObjectInfo], fmt: str | None) -> int:
+def load_listing(db: sqlite3.Connection, objects: Iterable[storage.ObjectInfo], fmt: str | None,
+                 max_input_bytes: int | None = None) -> int:
     """Stream the input listing into ``listing`` with each key's classification; returns the count."""
     def rows() -> Iterator[tuple]:
         for info in objects:
-            decision = classify_key(info.key, fmt)
+            decision = classify_key(info.key, fmt, info.size, max_input_bytes)
             yield (_printable(info.key), _printable(info.uri), info.size, info.etag, _mtime_ms(info.mtime),
                    decision.kind, decision.reason, decision.output_key)
 
@@ -201,7 +204,7 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
         base = {"run_id": layout.run_id, "input_key": key, "input_uri": uri, "input_size": size,
                 "input_etag": etag, "input_mtime": mtime_ms, "scale": scale}
         if kind != "candidate":
-            status = "skipped" if kind == "ignored" else "failed"
+            status = STATUS_BY_KIND[kind]
             _record(sink, counts, {**base, "status": status, "error": reason})
             continue
         route = router.route(key)

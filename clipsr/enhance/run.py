@@ -6,15 +6,16 @@ Order of events (each step's output is what makes the next one safe to rerun):
 2. check that the store enforces conditional writes, take the lock on the output prefix, register
    the run in the index (``in_progress``); from here on the lock is checked before every write of
    state and at every progress report, and a lost lock stops the run (exit 1);
-3. plan on the driver (plan.py): every listed key becomes a plan row, or a skipped/failed
-   manifest row written at once;
+3. plan on the driver (plan.py): every listed key becomes a plan row, or a skipped, unsupported or
+   failed manifest row written at once;
 4. run the Ray Data pipeline over the plan: each output is committed, then its row streams back to
    the driver, which writes the manifest in parts every ``--commit-every`` seconds;
 5. fold this run's ok rows (and those of earlier unfinished runs) into a new index generation;
 6. remove the plan, release the lock, print one summary line.
 
-Exit status: 0 when the run finished and failed / (ok + failed) is at most
-``--max-failed-fraction`` (skipped inputs were not attempted, so they count on neither side);
+Exit status: 0 when the run finished and (failed + unsupported) / (ok + failed + unsupported) is at
+most ``--max-failed-fraction`` (an unsupported image is never done, like a failed one; skipped
+inputs are not images to do, or already done, so they count on neither side);
 2 when it finished above that; 1 when it could not complete (bad options, unreachable storage,
 a held lock, a crashed pipeline). Killed or failed at any point, a rerun finishes the rest: ok rows
 already in the manifest are folded into the index and their inputs skipped.
@@ -54,14 +55,15 @@ class RunResult:
     exit_code: int
     summary: str
     manifest_uri: str | None = None
-    counts: Counter = field(default_factory=Counter)  # ok / failed / skipped
+    counts: Counter = field(default_factory=Counter)  # ok / failed / skipped / unsupported
     listed: int = 0
     dry_run: bool = False
 
 
 def failed_fraction(counts: Counter) -> float:
-    attempted = counts["ok"] + counts["failed"]
-    return counts["failed"] / attempted if attempted else 0.0
+    """Of the images to do, the fraction not done: failed or in a format not decoded."""
+    not_done = counts["failed"] + counts["unsupported"]
+    return not_done / (counts["ok"] + not_done) if counts["ok"] + not_done else 0.0
 
 
 def _absolute_spec(spec: str | None) -> str | None:
@@ -124,7 +126,7 @@ def _plan(db: sqlite3.Connection, opts: EnhanceOptions, layout: RunLayout, route
     except FileNotFoundError:  # a first run into a folder that does not exist yet
         outputs = 0
     listed = plan.load_listing(db, iter_inputs(layout.input, layout.excluded_input_prefixes(), opts.limit),
-                               opts.format)
+                               opts.format, opts.max_input_bytes)
     log.info("listed %d input keys, %d outputs; index holds %d keys", listed, outputs, loaded)
     return plan.decide(db, layout, router, scale, opts.format, sink)
 
@@ -140,7 +142,8 @@ def _dry_run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int
     models = ", ".join(f"{n} with {m}" for m, n in counts.models.most_common()) or "none"
     reasons = "; ".join(f"{n} {r}" for r, n in counts.reasons.most_common(5))
     summary = (f"clipsr enhance: dry run: {counts.listed} listed: would process {counts.to_process} ({models}), "
-               f"skip {counts.statuses['skipped']}, fail {counts.statuses['failed']}"
+               f"skip {counts.statuses['skipped']}, fail {counts.statuses['failed']}, "
+               f"unsupported {counts.statuses['unsupported']}"
                + (f" [{reasons}]" if reasons else "") + "; nothing written (exit 0)")
     return RunResult(layout.run_id, EXIT_OK, summary, counts=Counter(counts.statuses), listed=counts.listed,
                      dry_run=True)
@@ -189,7 +192,8 @@ def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str]
                                       opts.actors_per_gpu)
         log.info("inference: %s", res.describe())
         ds = pipeline.build_dataset(plan_parts, res, worker_env(), opts.max_output_pixels, opts.precision,
-                                    opts.tile, _absolute_spec(opts.clip_weights), opts.image_timeout)
+                                    opts.tile, _absolute_spec(opts.clip_weights), opts.image_timeout,
+                                    max_input_bytes=opts.max_input_bytes)
         writer = ManifestWriter(layout.run_id, layout.manifest_run(), fence=check_lock,
                                 every_s=opts.commit_every)
         start = last = time.monotonic()
@@ -213,16 +217,17 @@ def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str]
 
 def _finish(opts: EnhanceOptions, layout: RunLayout, listed: int, totals: Counter) -> RunResult:
     fraction = failed_fraction(totals)
-    attempted = totals["ok"] + totals["failed"]
+    not_done = totals["failed"] + totals["unsupported"]
     above = fraction > opts.max_failed_fraction
     code = EXIT_FAILED_ABOVE_THRESHOLD if above else EXIT_OK
     manifest_uri = layout.manifest_run() + "/"
     summary = (f"clipsr enhance: run {layout.run_id} finished: {listed} listed, {totals['ok']} ok, "
-               f"{totals['failed']} failed, {totals['skipped']} skipped; failed {totals['failed']} of "
-               f"{attempted} attempted ({fraction:.1%}) {'>' if above else '<='} {opts.max_failed_fraction:.1%}; "
+               f"{totals['failed']} failed, {totals['skipped']} skipped, {totals['unsupported']} unsupported; "
+               f"failed or unsupported {not_done} of {totals['ok'] + not_done} "
+               f"({fraction:.1%}) {'>' if above else '<='} {opts.max_failed_fraction:.1%}; "
                f"manifest {manifest_uri} (exit {code})")
-    return RunResult(layout.run_id, code, summary, manifest_uri, Counter({k: totals[k] for k in ("ok", "failed", "skipped")}),
-                     listed)
+    return RunResult(layout.run_id, code, summary, manifest_uri,
+                     Counter({k: totals[k] for k in ("ok", "failed", "skipped", "unsupported")}), listed)
 
 
 def _iter_or_empty(uri: str):
