@@ -287,13 +287,19 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
 def header_size(prefix: bytes) -> tuple[str, int, int] | None:
     """Format, width and height from the first bytes of a file, without decoding pixels; None
     when those bytes do not tell (the header runs past them, or the file is no image known here).
+    Pillow's readers are used where they stop at the header; WEBP, AVIF, HEIF and JPEG XL sizes are
+    parsed here, since their readers want the whole file.
 
     Lets a caller refuse an image over its pixel limit before fetching the rest of it."""
-    if _is_jxl(prefix):
-        try:
+    try:
+        if _is_jxl(prefix):
             return ("JXL", *_jxl_size(prefix))
-        except (ValueError, IndexError, struct.error):
-            return None
+        if prefix[:4] == b"RIFF" and prefix[8:12] == b"WEBP":  # Pillow's reader wants the whole file
+            return ("WEBP", *_webp_size(prefix))
+        if prefix[4:8] == b"ftyp":  # AVIF and HEIF: so do theirs
+            return _isobmff_size(prefix)
+    except (ValueError, IndexError, struct.error):
+        return None
     try:
         im = _open_lazy(prefix)
     except Exception:  # noqa: BLE001  any reader error on a prefix only means "read it all"
@@ -340,6 +346,37 @@ def check_pixels(width: int, height: int, max_pixels: int) -> None:
             f"too many pixels: header says {width}x{height} = {width * height:,} pixels, "
             f"more than max_pixels={max_pixels:,}; refused before decoding"
         )
+
+
+def _webp_size(prefix: bytes) -> tuple[int, int]:
+    """Width and height from the first chunk of a WEBP (VP8X, lossless VP8L or lossy VP8)."""
+    kind = prefix[12:16]
+    if kind == b"VP8X":
+        return int.from_bytes(prefix[24:27], "little") + 1, int.from_bytes(prefix[27:30], "little") + 1
+    if kind == b"VP8L" and prefix[20] == 0x2F:
+        bits = int.from_bytes(prefix[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if kind == b"VP8 " and prefix[23:26] == b"\x9d\x01\x2a":
+        return struct.unpack_from("<H", prefix, 26)[0] & 0x3FFF, struct.unpack_from("<H", prefix, 28)[0] & 0x3FFF
+    raise ValueError("no WEBP size in the bytes read")
+
+
+def _isobmff_size(prefix: bytes) -> tuple[str, int, int] | None:
+    """Format and size of an AVIF or HEIF from the 'ispe' (image spatial extent) properties in its
+    header: the largest is the primary image (the others are thumbnails, tiles or alpha planes),
+    as coded, which may exceed the displayed size by the codec's padding. A header cut short may
+    miss it: the decoder checks the size again before decoding."""
+    brands = prefix[8:12] + prefix[16:int.from_bytes(prefix[:4], "big")]
+    fmt = "AVIF" if b"avif" in brands or b"avis" in brands else "HEIF"
+    end = prefix.find(b"mdat")
+    header = prefix if end < 0 else prefix[:end]
+    sizes, at = [], header.find(b"ispe")
+    while at >= 0 and at + 16 <= len(header):
+        sizes.append(struct.unpack_from(">II", header, at + 8))  # after version and flags
+        at = header.find(b"ispe", at + 4)
+    if not sizes:
+        return None
+    return (fmt, *max(sizes, key=lambda wh: wh[0] * wh[1]))
 
 
 def _decode_pil(im: Image.Image, data: bytes) -> Decoded:

@@ -160,8 +160,8 @@ def test_a_decoder_that_dies_is_a_failed_row_and_the_next_input_decodes(tmp_path
         decoder.close()
     a, b, c = rows
     assert b["status"] == "failed" and b["lr"] is None
-    assert b["error"] == ("decoder crashed: killed by signal 9 (SIGKILL, as the kernel's out-of-memory killer "
-                          f"sends), on this input ({len(files['b.png'])} bytes); the run went on without it")
+    assert b["error"] == ("decoder crashed: the decoder process was killed by signal 9 (SIGKILL, as the kernel's "
+                          f"out-of-memory killer sends) while decoding this input ({len(files['b.png'])} bytes)")
     assert b["input_sha256"].startswith("sha256:")  # it was read: the row says what killed the decoder
     for row in (a, c):  # before and after: a fresh decoder process took over
         assert row["status"] is None and R.unpack(row["lr"]).shape == (6, 8, 3)

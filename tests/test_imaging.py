@@ -397,6 +397,14 @@ def test_a_header_in_the_first_bytes_gives_format_and_size_without_the_rest():
     assert imaging.header_size(metadata_first[:65536]) is None  # cannot tell: the caller reads it all
     assert imaging.header_size(metadata_first) == ("JPEG", 400, 300)
     assert imaging.header_size(b"not an image at all") is None
+    # Pillow reads these only whole: their sizes are parsed from the first bytes here.
+    image = Image.fromarray(_u8(300, 400))
+    for webp in (_save(image, "WEBP", quality=90), _save(image, "WEBP", lossless=True),
+                 _save(image, "WEBP", quality=90, exif=_exif())):  # VP8, VP8L, VP8X
+        assert imaging.header_size(webp[:64]) == ("WEBP", 400, 300)
+    assert imaging.header_size(_save(image, "AVIF", quality=90)[:4096]) == ("AVIF", 400, 300)
+    fmt, width, height = imaging.header_size((Path(__file__).parent / "data" / "two-halves-24x16.heic").read_bytes())
+    assert fmt == "HEIF" and width >= 24 and height >= 16  # as coded: padded to the codec's blocks
 
 
 def test_unsupported_image_files_are_named_and_other_formats_are_written_as_png():

@@ -28,7 +28,7 @@ from clipsr.enhance.options import DEFAULT_MAX_INPUT_BYTES
 from clipsr.enhance.quality import bicubic_sharpness
 
 #: The first read of every input: enough for the header of every format but TIFFs whose directory
-#: follows the pixels and JPEGs with more metadata than this before the frame header (those are
+#: follows the pixels and JPEGs with more metadata than this before their frame header (those are
 #: read whole, within --max-input-bytes, and their pixels checked then, still before decoding).
 HEADER_BYTES = 64 * 1024
 #: Address space of the decoder process: what the interpreter and its libraries map (about 300 MB
@@ -116,7 +116,7 @@ def read_decode(row: dict[str, Any], max_output_pixels: int, max_input_bytes: in
         R.fail(row, _too_many_pixels(str(e), scale, max_output_pixels))
         return
     except ChildDied as e:
-        R.fail(row, f"decoder crashed: {e}, on this input ({len(data):,} bytes); the run went on without it")
+        R.fail(row, f"decoder crashed: the decoder process {e} while decoding this input ({len(data):,} bytes)")
         return
     except MemoryError:
         R.fail(row, f"decoder out of memory: needs more than its {decoder.memory_bytes:,} bytes "

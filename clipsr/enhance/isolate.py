@@ -33,7 +33,8 @@ _CHILD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THRE
 
 
 class ChildDied(RuntimeError):
-    """The child process ended during a call; str(e) says how (a signal or an exit status)."""
+    """The child process ended during a call; str(e) says how ("was killed by signal 9 (SIGKILL...)",
+    "exited with status 1")."""
 
 
 class Isolated:
@@ -92,13 +93,14 @@ class Isolated:
 
 
 def describe_exit(code: int) -> str:
+    """A Popen return code in words, to follow "the process": a negative one is a signal."""
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = "unknown"
         hint = ", as the kernel's out-of-memory killer sends" if -code == signal.SIGKILL else ""
-        return f"killed by signal {-code} ({name}{hint})"
+        return f"was killed by signal {-code} ({name}{hint})"
     return f"exited with status {code}"
 
 
