@@ -9,8 +9,18 @@ Decisions worth knowing:
   (Pillow opens lazily). Pillow's process-global MAX_IMAGE_PIXELS check is bypassed at open on
   purpose (the limit is a per-call argument here), but Pillow still applies it inside its WEBP
   and tiled-TIFF readers: a max_pixels above 2 * Image.MAX_IMAGE_PIXELS (179 M) needs that raised.
-- Only PNG, JPEG, WEBP, TIFF and BMP are opened; Pillow's exotic plugins (EPS shells out to
-  Ghostscript) are never reached from archive bytes.
+- Only the formats in `DECODE_FORMATS` are opened, each by a maintained decoder: Pillow for PNG,
+  JPEG, WEBP, TIFF, BMP, GIF, JPEG 2000 (OpenJPEG) and AVIF (libavif), pi-heif (libheif) for
+  HEIF/HEIC, imagecodecs (libjxl) for JPEG XL. Pillow's exotic plugins (EPS shells out to
+  Ghostscript) are never reached from archive bytes. Image files of other formats (camera raw,
+  Photoshop...) are named by `unsupported_reason`, so a job can count them instead of passing them by.
+- One still image per file. An animated GIF is refused (its frames are the picture); a multi-page
+  TIFF gives its first page, with a note; other animations (WEBP, APNG, AVIF) give their first frame,
+  with a note.
+- Formats that are read but not written here (GIF, JPEG 2000, AVIF, HEIF, JPEG XL) are written as
+  PNG unless the caller picks another (`output_format_for`). AVIF and HEIF are decoded at 8 bits;
+  JPEG 2000 above 8 bits keeps its precision (scaled to 16 bits); JPEG XL keeps 8 or 16 bits, and
+  its metadata boxes (EXIF, XMP) are not read.
 - EXIF orientation is applied to the pixels (ImageOps.exif_transpose semantics) and the
   Orientation tag is removed from the EXIF that is kept for the output. A TIFF's own descriptive
   tags and its Exif/GPS sub-directories count as its EXIF, whichever decoder reads its pixels.
@@ -30,6 +40,8 @@ Decisions worth knowing:
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import io
 import posixpath
 import struct
@@ -40,18 +52,29 @@ from dataclasses import dataclass, field
 import numpy as np
 import tifffile
 from PIL import (  # noqa: F401  (importing the plugins registers them in Image.OPEN)
+    AvifImagePlugin,
     BmpImagePlugin,
+    GifImagePlugin,
     Image,
+    Jpeg2KImagePlugin,
     JpegImagePlugin,
     PngImagePlugin,
     TiffImagePlugin,
     WebPImagePlugin,
+    features,
 )
+
+try:  # HEIF/HEIC: libheif with its HEVC decoder only (LGPL), no encoder
+    import pi_heif
+except ImportError:  # pragma: no cover  (a dependency; without it HEIF inputs are unsupported)
+    pi_heif = None
+else:
+    pi_heif.register_heif_opener()
 
 # 100 megapixels: a float32 RGB copy is 1.2 GB. Larger archive scans need an explicit, larger limit.
 DEFAULT_MAX_PIXELS = 100_000_000
 
-DECODE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
+DECODE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF", "JPEG2000", "AVIF", "HEIF", "JXL")
 ENCODE_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP")
 SIXTEEN_BIT_FORMATS = frozenset({"PNG", "TIFF"})
 ALPHA_FORMATS = frozenset({"PNG", "WEBP", "TIFF"})
@@ -65,8 +88,32 @@ FORMAT_BY_EXTENSION = {
     ".tif": "TIFF",
     ".tiff": "TIFF",
     ".bmp": "BMP",
+    ".gif": "GIF",
+    ".jp2": "JPEG2000",
+    ".j2k": "JPEG2000",
+    ".j2c": "JPEG2000",
+    ".jpc": "JPEG2000",
+    ".jpf": "JPEG2000",
+    ".jpx": "JPEG2000",
+    ".avif": "AVIF",
+    ".heic": "HEIF",
+    ".heif": "HEIF",
+    ".hif": "HEIF",
+    ".jxl": "JXL",
 }
 IMAGE_EXTENSIONS = frozenset(FORMAT_BY_EXTENSION)
+# Image files this module does not decode, by what they are: a job reports them, it never passes
+# them by as if they were sidecars. (DNG is TIFF inside, but its first page is a preview.)
+UNSUPPORTED_EXTENSIONS = {
+    **dict.fromkeys((".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".orf",
+                     ".rw2", ".raf", ".pef", ".srw", ".x3f", ".3fr", ".iiq", ".erf", ".mrw", ".kdc"),
+                    "camera raw"),
+    ".psd": "Photoshop", ".psb": "Photoshop", ".jxr": "JPEG XR", ".wdp": "JPEG XR", ".hdp": "JPEG XR",
+    ".exr": "OpenEXR", ".hdr": "Radiance HDR", ".svg": "SVG", ".eps": "EPS", ".ico": "ICO", ".tga": "TGA",
+    ".pcx": "PCX", ".ppm": "Netpbm", ".pgm": "Netpbm", ".pbm": "Netpbm", ".pnm": "Netpbm",
+    ".djvu": "DjVu", ".djv": "DjVu",
+}
+_FORMAT_NAMES = {"JPEG2000": "JPEG 2000", "JXL": "JPEG XL"}
 # The extension a converted output gets (`--format`), one per format.
 EXTENSION_BY_FORMAT = {"PNG": ".png", "JPEG": ".jpg", "WEBP": ".webp", "TIFF": ".tif", "BMP": ".bmp"}
 _FORMAT_ALIASES = {"JPG": "JPEG", "TIF": "TIFF"}
@@ -107,7 +154,7 @@ class Decoded:
     pixels: np.ndarray  # float32 HxWxC in [0, 1], C = 1 (grey) or 3 (colour)
     alpha: np.ndarray | None  # float32 HxW in [0, 1], or None
     bit_depth: int  # 8 or 16: of the source (see notes when precision was reduced)
-    format: str  # "PNG", "JPEG", "WEBP", "TIFF", "BMP"
+    format: str  # one of DECODE_FORMATS
     mode: str  # the source's Pillow mode, e.g. "P", "I;16", "CMYK"
     icc_profile: bytes | None = None
     exif: bytes | None = None  # without the Orientation tag (the pixels are already upright)
@@ -142,19 +189,60 @@ def to_uint16(x: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.asarray(x) * 65535.0), 0, 65535).astype(np.uint16)
 
 
+def _extension(path: str) -> str:
+    return posixpath.splitext(path.rsplit("/", 1)[-1])[1].lower()
+
+
 def is_image_path(path: str) -> bool:
     """True when the file name has one of IMAGE_EXTENSIONS (case-insensitive)."""
-    return posixpath.splitext(path.rsplit("/", 1)[-1])[1].lower() in IMAGE_EXTENSIONS
+    return _extension(path) in IMAGE_EXTENSIONS
 
 
 def format_for_path(path: str) -> str:
-    """The format an output with this name is written in, from its extension."""
-    ext = posixpath.splitext(path.rsplit("/", 1)[-1])[1].lower()
+    """The format of a file with this name, from its extension."""
     try:
-        return FORMAT_BY_EXTENSION[ext]
+        return FORMAT_BY_EXTENSION[_extension(path)]
     except KeyError:
         known = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise ValueError(f"not an image file name: {path!r} (extensions: {known})") from None
+
+
+def format_name(fmt: str) -> str:
+    """'JPEG2000' -> 'JPEG 2000', for messages."""
+    return _FORMAT_NAMES.get(fmt, fmt)
+
+
+def output_format_for(fmt: str) -> str:
+    """What an input of ``fmt`` is written as when no output format is asked for: the same format
+    where `encode` writes it, else PNG (lossless, 16 bits and alpha, so nothing decoded is lost)."""
+    return fmt if fmt in ENCODE_FORMATS else "PNG"
+
+
+_NEEDS = {"JPEG2000": "Pillow built with OpenJPEG", "AVIF": "Pillow 11.3 or later built with libavif",
+          "HEIF": "the pi-heif package", "JXL": "the imagecodecs package"}
+
+
+@functools.lru_cache(maxsize=1)
+def decoders() -> frozenset[str]:
+    """The formats of DECODE_FORMATS this installation decodes (the others need optional builds)."""
+    found = set(DECODE_FORMATS) - set(_NEEDS)
+    found |= {fmt for fmt, feature in (("JPEG2000", "jpg_2000"), ("AVIF", "avif")) if features.check(feature)}
+    if pi_heif is not None:
+        found.add("HEIF")
+    if importlib.util.find_spec("imagecodecs") is not None:
+        found.add("JXL")
+    return frozenset(found)
+
+
+def unsupported_reason(path: str) -> str | None:
+    """Why an image file with this name cannot be decoded here; None when it can or is no image."""
+    ext = _extension(path)
+    if ext in UNSUPPORTED_EXTENSIONS:
+        return f"unsupported format: {UNSUPPORTED_EXTENSIONS[ext]} ({ext}) is not decoded"
+    fmt = FORMAT_BY_EXTENSION.get(ext)
+    if fmt is not None and fmt not in decoders():
+        return f"unsupported format: {format_name(fmt)} ({ext}) needs {_NEEDS[fmt]}, not installed here"
+    return None
 
 
 def normalise_format(fmt: str) -> str:
@@ -178,6 +266,8 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
     """Decode image bytes to float pixels (+ alpha), upright, refusing bad input with ImageDecodeError."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
+    if _is_jxl(data):
+        return _decode_jxl(data, max_pixels)
     try:
         im = _open_lazy(data)
     except Image.DecompressionBombError as e:
@@ -187,10 +277,37 @@ def decode(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Decoded:
             return _decode_tiff_only(data, max_pixels)
         raise ImageDecodeError(f"unreadable image header: {_short(e)}") from e
     if im is None:
-        raise ImageDecodeError(f"not a supported image ({', '.join(DECODE_FORMATS)})")
+        names = ", ".join(format_name(f) for f in DECODE_FORMATS if f in decoders())
+        raise ImageDecodeError(f"not a supported image ({names})")
     with im:
-        _check_pixels(im.size[0], im.size[1], max_pixels)
+        check_pixels(im.size[0], im.size[1], max_pixels)
         return _decode_pil(im, data)
+
+
+def header_size(prefix: bytes) -> tuple[str, int, int] | None:
+    """Format, width and height from the first bytes of a file, without decoding pixels; None
+    when those bytes do not tell (the header runs past them, or the file is no image known here).
+    Pillow's readers are used where they stop at the header; WEBP, AVIF, HEIF and JPEG XL sizes are
+    parsed here, since their readers want the whole file.
+
+    Lets a caller refuse an image over its pixel limit before fetching the rest of it."""
+    try:
+        if _is_jxl(prefix):
+            return ("JXL", *_jxl_size(prefix))
+        if prefix[:4] == b"RIFF" and prefix[8:12] == b"WEBP":  # Pillow's reader wants the whole file
+            return ("WEBP", *_webp_size(prefix))
+        if prefix[4:8] == b"ftyp":  # AVIF and HEIF: so do theirs
+            return _isobmff_size(prefix)
+    except (ValueError, IndexError, struct.error):
+        return None
+    try:
+        im = _open_lazy(prefix)
+    except Exception:  # noqa: BLE001  any reader error on a prefix only means "read it all"
+        return None
+    if im is None:
+        return None
+    with im:
+        return ("JPEG" if im.format == "MPO" else im.format, *im.size)
 
 
 def load_rgb_or_grey_uint8(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -206,6 +323,8 @@ def _open_lazy(data: bytes) -> Image.Image | None:
     fp = io.BytesIO(data)
     prefix = data[:16]
     for fmt in DECODE_FORMATS:
+        if fmt not in Image.OPEN or fmt not in decoders():
+            continue
         factory, accept = Image.OPEN[fmt]
         if accept is None or accept(prefix) is True:
             fp.seek(0)
@@ -218,7 +337,8 @@ def _pillow_limit_error(e: Exception) -> ImageDecodeError:
     return ImageDecodeError(f"too many pixels for Pillow (Image.MAX_IMAGE_PIXELS): {_short(e)}")
 
 
-def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    """Refuse, from its header's size, an image with no pixels or more than ``max_pixels``."""
     if width <= 0 or height <= 0:
         raise ImageDecodeError(f"image has no pixels ({width}x{height})")
     if width * height > max_pixels:
@@ -228,11 +348,43 @@ def _check_pixels(width: int, height: int, max_pixels: int) -> None:
         )
 
 
+def _webp_size(prefix: bytes) -> tuple[int, int]:
+    """Width and height from the first chunk of a WEBP (VP8X, lossless VP8L or lossy VP8)."""
+    kind = prefix[12:16]
+    if kind == b"VP8X":
+        return int.from_bytes(prefix[24:27], "little") + 1, int.from_bytes(prefix[27:30], "little") + 1
+    if kind == b"VP8L" and prefix[20] == 0x2F:
+        bits = int.from_bytes(prefix[21:25], "little")
+        return (bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1
+    if kind == b"VP8 " and prefix[23:26] == b"\x9d\x01\x2a":
+        return struct.unpack_from("<H", prefix, 26)[0] & 0x3FFF, struct.unpack_from("<H", prefix, 28)[0] & 0x3FFF
+    raise ValueError("no WEBP size in the bytes read")
+
+
+def _isobmff_size(prefix: bytes) -> tuple[str, int, int] | None:
+    """Format and size of an AVIF or HEIF from the 'ispe' (image spatial extent) properties in its
+    header: the largest is the primary image (the others are thumbnails, tiles or alpha planes),
+    as coded, which may exceed the displayed size by the codec's padding. A header cut short may
+    miss it: the decoder checks the size again before decoding."""
+    brands = prefix[8:12] + prefix[16:int.from_bytes(prefix[:4], "big")]
+    fmt = "AVIF" if b"avif" in brands or b"avis" in brands else "HEIF"
+    end = prefix.find(b"mdat")
+    header = prefix if end < 0 else prefix[:end]
+    sizes, at = [], header.find(b"ispe")
+    while at >= 0 and at + 16 <= len(header):
+        sizes.append(struct.unpack_from(">II", header, at + 8))  # after version and flags
+        at = header.find(b"ispe", at + 4)
+    if not sizes:
+        return None
+    return (fmt, *max(sizes, key=lambda wh: wh[0] * wh[1]))
+
+
 def _decode_pil(im: Image.Image, data: bytes) -> Decoded:
     notes: list[str] = []
     fmt = "JPEG" if im.format == "MPO" else im.format
-    if getattr(im, "is_animated", False):
-        notes.append("several frames: first frame only")
+    _check_frames(fmt, getattr(im, "n_frames", 1), notes)
+    if fmt == "HEIF" and im.info.get("bit_depth", 8) > 8:
+        notes.append(f"{im.info['bit_depth']}-bit HEIF decoded at 8 bits")
     # Read before decoding: Pillow clears im.tile once loaded, and its TIFF plugin rotates the
     # pixels on load and then deletes the Orientation tag.
     source16 = _source_is_16bit(im)
@@ -257,6 +409,18 @@ def _decode_pil(im: Image.Image, data: bytes) -> Decoded:
     if not upright:
         values = _orient(values, orientation)
     return _finish(values, bit_depth, fmt, im.mode, icc, exif, orientation, notes)
+
+
+def _check_frames(fmt: str, frames: int, notes: list[str]) -> None:
+    """One still image per input: say what happens to the other frames or pages, or refuse."""
+    if frames <= 1:
+        return
+    if fmt == "GIF":
+        raise ImageDecodeError(f"animated GIF ({frames} frames): not enhanced (only still images are)")
+    if fmt == "TIFF":
+        notes.append(f"multi-page TIFF: page 1 of {frames} enhanced, the other pages are not in the output")
+    else:
+        notes.append(f"animated ({frames} frames): first frame only")
 
 
 def _pil_values(im: Image.Image, data: bytes, fmt: str, notes: list[str]) -> tuple[np.ndarray, bool]:
@@ -309,7 +473,9 @@ def _with_trns_alpha(values: np.ndarray, trns) -> np.ndarray:
 
 
 def _rawmodes(im: Image.Image) -> list[str]:
-    return [t[3] if isinstance(t[3], str) else (t[3][0] if t[3] else "") for t in im.tile]
+    """The raw mode of each tile ("" where a decoder's arguments name none, as GIF's do)."""
+    modes = [t[3] if isinstance(t[3], str) else (t[3][0] if t[3] else "") for t in im.tile]
+    return [m if isinstance(m, str) else "" for m in modes]
 
 
 def _source_is_16bit(im: Image.Image) -> bool:
@@ -318,7 +484,20 @@ def _source_is_16bit(im: Image.Image) -> bool:
     if im.format == "TIFF":  # planar TIFF tiles carry rawmodes such as "R" whatever the depth
         bits = im.tag_v2.get(258, (8,))
         return max(bits if isinstance(bits, tuple) else (bits,)) == 16
+    if im.format == "JPEG2000":
+        return _jpeg2000_bits(im) > 8
     return any(";16" in r for r in _rawmodes(im))
+
+
+def _jpeg2000_bits(im: Image.Image) -> int:
+    """Bits per sample of a JPEG 2000 file, from its codestream's SIZ marker (Pillow keeps no record)."""
+    fp = im.fp
+    fp.seek(0)
+    head = fp.read(1 << 16)
+    at = head.find(b"\xff\x4f\xff\x51")  # start of codestream, then SIZ
+    if at < 0 or len(head) < at + 43:
+        return 8
+    return (head[at + 42] & 0x7F) + 1
 
 
 def _colour16(im: Image.Image, data: bytes, fmt: str) -> tuple[np.ndarray, bool] | None:
@@ -330,6 +509,8 @@ def _colour16(im: Image.Image, data: bytes, fmt: str) -> tuple[np.ndarray, bool]
             return _tiff_page_values(data, stored_hw)[0], False
         except Exception:  # noqa: BLE001  tifffile raises many types; fall through to Pillow
             pass
+    if fmt == "JPEG2000":  # Pillow reads more than 8 bits of colour wrongly: OpenJPEG via imagecodecs
+        return _jpeg2000_values(data, _jpeg2000_bits(im), (im.size[1], im.size[0])), False
     try:
         return _pil_hilo(data)
     except (*_PIL_ERRORS, LookupError):
@@ -370,7 +551,7 @@ def _tiff_page_values(data: bytes, expected_hw: tuple[int, int] | None = None,
     with tifffile.TiffFile(io.BytesIO(data)) as tf:
         page = tf.pages[0]
         if max_pixels is not None:
-            _check_pixels(page.imagewidth, page.imagelength, max_pixels)
+            check_pixels(page.imagewidth, page.imagelength, max_pixels)
         arr = page.asarray()
         axes = page.axes
         if axes == "YX":
@@ -396,6 +577,24 @@ def _tiff_page_values(data: bytes, expected_hw: tuple[int, int] | None = None,
         return np.ascontiguousarray(arr), meta
 
 
+def _jpeg2000_values(data: bytes, bits: int, expected_hw: tuple[int, int]) -> np.ndarray:
+    """A JPEG 2000 of more than 8 bits as uint16 HxWxC, scaled to the full 16-bit range."""
+    try:
+        import imagecodecs
+    except ImportError:
+        raise ImageDecodeError("JPEG 2000 above 8 bits needs the imagecodecs package, not installed here") from None
+    try:
+        arr = imagecodecs.jpeg2k_decode(data)
+    except Exception as e:  # noqa: BLE001  imagecodecs raises its own error types
+        raise ImageDecodeError(f"truncated or corrupt image: {_short(e)}") from e
+    arr = arr[..., None] if arr.ndim == 2 else arr
+    if arr.dtype != np.uint16 or arr.shape[:2] != expected_hw or not 1 <= arr.shape[2] <= 4:
+        raise ImageDecodeError(f"unsupported JPEG 2000 samples: {arr.dtype} {arr.shape}")
+    if bits < 16:
+        arr = np.round(np.minimum(arr, (1 << bits) - 1) * (65535 / ((1 << bits) - 1))).astype(np.uint16)
+    return np.ascontiguousarray(arr)
+
+
 def _unpremultiply(arr: np.ndarray) -> np.ndarray:
     top = np.iinfo(arr.dtype).max
     a = arr[..., -1:].astype(np.float64)
@@ -416,7 +615,8 @@ def _decode_tiff_only(data: bytes, max_pixels: int) -> Decoded:
     grey = values.shape[2] in (1, 2)
     if meta["photometric"] != (1 if grey else 2):  # MINISBLACK for grey, RGB for colour
         raise ImageDecodeError(f"unsupported TIFF photometric interpretation {meta['photometric']}")
-    notes = ["several frames: first frame only"] if meta["pages"] > 1 else []
+    notes: list[str] = []
+    _check_frames("TIFF", meta["pages"], notes)
     orientation = meta["orientation"] if 1 <= meta["orientation"] <= 8 else 1
     mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[values.shape[2]]
     depth = 16 if values.dtype == np.uint16 else 8
@@ -436,6 +636,87 @@ def _tiff_only_exif(data: bytes, notes: list[str]) -> bytes | None:
     except Exception as e:  # noqa: BLE001  a broken EXIF block must not fail a good image
         notes.append(f"unreadable EXIF ignored ({_short(e)})")
         return None
+
+
+_JXL_CODESTREAM = b"\xff\x0a"
+_JXL_CONTAINER = b"\x00\x00\x00\x0cJXL \r\n\x87\n"
+_JXL_RATIOS = {1: (1, 1), 2: (12, 10), 3: (4, 3), 4: (3, 2), 5: (16, 9), 6: (5, 4), 7: (2, 1)}
+
+
+def _is_jxl(data: bytes) -> bool:
+    return data[:2] == _JXL_CODESTREAM or data[:12] == _JXL_CONTAINER
+
+
+def _jxl_codestream(data: bytes) -> bytes:
+    """The codestream's start: the file itself, or the payload of its container's first jxlc/jxlp box."""
+    if data[:2] == _JXL_CODESTREAM:
+        return data
+    at = 0
+    while at + 8 <= len(data):
+        size, kind = struct.unpack_from(">I4s", data, at)
+        header = 8
+        if size == 1:
+            size, header = struct.unpack_from(">Q", data, at + 8)[0], 16
+        elif size == 0:
+            size = len(data) - at
+        if kind in (b"jxlc", b"jxlp"):
+            return data[at + header + (4 if kind == b"jxlp" else 0):at + size]
+        if size < header:
+            raise ValueError("malformed JPEG XL box")
+        at += size
+    raise ValueError("no JPEG XL codestream in the bytes read")
+
+
+def _jxl_size(data: bytes) -> tuple[int, int]:
+    """Width and height from a JPEG XL SizeHeader (ISO/IEC 18181-1), before any pixel is decoded."""
+    code = _jxl_codestream(data)
+    if code[:2] != _JXL_CODESTREAM or len(code) < 11:  # the SizeHeader takes at most 68 bits
+        raise ValueError("JPEG XL size header not in the bytes read")
+    bits, pos = int.from_bytes(code[2:11], "little"), 0  # read least significant bit first
+
+    def read(n: int) -> int:
+        nonlocal pos
+        value = (bits >> pos) & ((1 << n) - 1)
+        pos += n
+        return value
+
+    def dimension(small: int) -> int:
+        return 8 * (read(5) + 1) if small else read((9, 13, 18, 30)[read(2)]) + 1
+
+    small = read(1)
+    height = dimension(small)
+    ratio = read(3)
+    if ratio:
+        num, den = _JXL_RATIOS[ratio]
+        return height * num // den, height
+    return dimension(small), height
+
+
+def _decode_jxl(data: bytes, max_pixels: int) -> Decoded:
+    """JPEG XL via imagecodecs (libjxl), which applies the codestream's orientation itself."""
+    try:
+        width, height = _jxl_size(data)
+    except (ValueError, struct.error) as e:
+        raise ImageDecodeError(f"unreadable image header: {_short(e)}") from e
+    check_pixels(width, height, max_pixels)
+    try:
+        import imagecodecs
+    except ImportError:
+        raise ImageDecodeError("JPEG XL needs the imagecodecs package, not installed here") from None
+    try:
+        values = imagecodecs.jpegxl_decode(data, index=0)  # an animation gives its first frame
+    except Exception as e:  # noqa: BLE001  imagecodecs raises its own error types
+        raise ImageDecodeError(f"truncated or corrupt image: {_short(e)}") from e
+    values = values[..., None] if values.ndim == 2 else values
+    notes: list[str] = []
+    if np.issubdtype(values.dtype, np.floating):
+        values = to_uint16(np.nan_to_num(values.astype(np.float32)))
+        notes.append("floating-point JPEG XL stored as 16-bit")
+    if values.dtype not in (np.uint8, np.uint16) or values.ndim != 3 or not 1 <= values.shape[2] <= 4:
+        raise ImageDecodeError(f"unsupported JPEG XL samples: {values.dtype} {values.shape}")
+    mode = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}[values.shape[2]]
+    depth = 16 if values.dtype == np.uint16 else 8
+    return _finish(np.ascontiguousarray(values), depth, "JXL", mode, None, None, 1, notes)
 
 
 def _orientation_and_exif(im: Image.Image, notes: list[str]) -> tuple[int, bytes | None]:

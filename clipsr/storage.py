@@ -309,9 +309,31 @@ def read_bytes(uri: str) -> bytes:
     return retry(lambda: fs.cat_file(path))
 
 
-def _read_local(path: str) -> bytes:
+def _read_local(path: str, start: int = 0, end: int | None = None) -> bytes:
     with open(path, "rb") as f:
-        return f.read()
+        f.seek(start)
+        return f.read() if end is None else f.read(max(0, end - start))
+
+
+def read_range(uri: str, start: int, end: int) -> bytes:
+    """Bytes ``start`` to ``end`` (exclusive) of an object, fewer where it ends sooner, none past its
+    end: one ranged GET on S3, so a header or a bounded prefix costs no more than its size."""
+    if start < 0 or end < start:
+        raise ValueError(f"bad byte range [{start}, {end})")
+    if _protocol(uri) in _LOCAL_PROTOCOLS:
+        path = _local_path(uri)
+        return retry(lambda: _read_local(path, start, end))
+    fs, path = filesystem(uri)
+
+    def ranged() -> bytes:
+        try:
+            return fs.cat_file(path, start=start, end=end)
+        except OSError as e:  # a range that starts at or past the end: S3 answers 416 InvalidRange
+            if _s3_status(e)[0] == "InvalidRange" or _s3_status(e)[1] == 416:
+                return b""
+            raise
+
+    return retry(ranged)
 
 
 def write_bytes_atomic(uri: str, data: bytes) -> None:

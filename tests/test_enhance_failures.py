@@ -19,6 +19,13 @@ def _png(h: int, w: int) -> bytes:
     return buf.getvalue()
 
 
+def _gif(frames: int) -> bytes:
+    buf = io.BytesIO()
+    images = [Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)) for i in range(frames)]
+    images[0].save(buf, format="GIF", save_all=True, append_images=images[1:])
+    return buf.getvalue()
+
+
 def _decode_error(tmp_path, data: bytes, max_output_pixels: int = 64_000_000) -> str:
     """The error the decode stage writes for these bytes."""
     path = tmp_path / "x.png"
@@ -35,6 +42,7 @@ def _decode_error(tmp_path, data: bytes, max_output_pixels: int = 64_000_000) ->
     (b"this is not an image", 64_000_000),  # not a supported image
     (_png(10, 12)[:60], 64_000_000),  # truncated
     (_png(40, 40), 1000),  # x2 over --max-output-pixels
+    (_gif(frames=3), 64_000_000),  # animated GIF
 ])
 def test_failures_of_the_bytes_themselves_are_permanent(tmp_path, data, max_output_pixels):
     assert is_permanent(_decode_error(tmp_path, data, max_output_pixels))
@@ -44,6 +52,11 @@ def test_failures_of_the_bytes_themselves_are_permanent(tmp_path, data, max_outp
 def test_failures_of_the_key_are_permanent(key):
     decision = classify_key(key, "webp")
     assert decision.kind in ("unsafe", "reserved") and is_permanent(decision.reason)
+
+
+def test_an_object_over_the_byte_limit_stays_refused():
+    decision = classify_key("huge.png", None, size=10**9, max_bytes=10**6)
+    assert decision.kind == "too_large" and is_permanent(decision.reason)
 
 
 def test_storage_errors_timeouts_lost_workers_and_collisions_are_retried(tmp_path, monkeypatch):

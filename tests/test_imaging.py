@@ -323,13 +323,97 @@ def test_16bit_tiff_keeps_exif_sub_directories(channels):
         assert tags["ExifTag"].value["DateTimeOriginal"] == "1999:12:31 23:59:59"
 
 
-def test_multi_frame_takes_first_frame_with_note():
-    frames = [Image.fromarray(np.full((4, 4), v, np.uint8)) for v in (10, 200)]
+def test_multi_page_tiff_gives_its_first_page_and_says_what_became_of_the_others():
+    frames = [Image.fromarray(np.full((4, 4), v, np.uint8)) for v in (10, 200, 90)]
     buf = io.BytesIO()
     frames[0].save(buf, format="TIFF", save_all=True, append_images=frames[1:])
     d = decode(buf.getvalue())
-    assert any("first frame" in n for n in d.notes)
+    assert d.notes == ["multi-page TIFF: page 1 of 3 enhanced, the other pages are not in the output"]
     assert imaging.to_uint8(d.pixels).max() == 10
+    webp = _save(frames[0], "WEBP", save_all=True, append_images=frames[1:], lossless=True)
+    assert decode(webp).notes == ["animated (3 frames): first frame only"]
+
+
+def test_gif_still_is_decoded_with_its_transparency_and_animated_gif_is_refused():
+    palette = Image.fromarray(RNG.integers(0, 4, (6, 9), dtype=np.uint8), mode="P")
+    palette.putpalette([0, 0, 0, 250, 10, 10, 10, 250, 10, 10, 10, 250])
+    still = decode(_save(palette, "GIF", transparency=0, optimize=False))
+    assert (still.format, still.mode, still.pixels.shape) == ("GIF", "P", (6, 9, 3))
+    np.testing.assert_array_equal(imaging.to_uint8(still.pixels), np.asarray(palette.convert("RGB")))
+    assert still.alpha is not None and (still.alpha == 0).sum() == (np.asarray(palette) == 0).sum()
+    frames = [Image.fromarray(np.full((4, 4, 3), v, np.uint8)) for v in (10, 200)]
+    with pytest.raises(ImageDecodeError, match=r"^animated GIF \(2 frames\): not enhanced"):
+        decode(_save(frames[0], "GIF", save_all=True, append_images=frames[1:]))
+
+
+def test_jpeg_2000_keeps_8_bits_exactly_and_more_than_8_bits_at_16():
+    rgb = _u8()
+    d = decode(_save(Image.fromarray(rgb), "JPEG2000"))  # Pillow writes it losslessly by default
+    assert (d.format, d.bit_depth) == ("JPEG2000", 8)
+    np.testing.assert_array_equal(imaging.to_uint8(d.pixels), rgb)
+    grey = _u16(c=1)[..., 0]
+    d = decode(_save(Image.fromarray(grey), "JPEG2000"))
+    assert d.bit_depth == 16 and d.pixels.shape == (6, 9, 1)
+    np.testing.assert_array_equal(imaging.to_uint16(d.pixels)[..., 0], grey)
+    imagecodecs = pytest.importorskip("imagecodecs")
+    twelve = RNG.integers(0, 4096, (6, 9, 3), dtype=np.uint16)  # 12-bit colour: Pillow alone gets it wrong
+    d = decode(imagecodecs.jpeg2k_encode(twelve, level=0, bitspersample=12))
+    assert (d.bit_depth, d.pixels.shape) == (16, (6, 9, 3))
+    np.testing.assert_array_equal(imaging.to_uint16(d.pixels), np.round(twelve * (65535 / 4095)).astype(np.uint16))
+
+
+def test_jpeg_xl_keeps_its_bit_depth_and_is_refused_from_its_header():
+    imagecodecs = pytest.importorskip("imagecodecs")
+    for values in (_u8(), _u16(), _u8(c=4)):
+        for container in (False, True):
+            data = imagecodecs.jpegxl_encode(values, lossless=True, usecontainer=container)
+            d = decode(data)
+            assert (d.format, d.bit_depth) == ("JXL", 16 if values.dtype == np.uint16 else 8)
+            quantise = imaging.to_uint16 if d.bit_depth == 16 else imaging.to_uint8
+            np.testing.assert_array_equal(quantise(d.pixels), values[..., :3])
+            assert (d.alpha is not None) == (values.shape[2] == 4)
+    big = imagecodecs.jpegxl_encode(np.zeros((3000, 2000, 3), np.uint8), lossless=True)
+    assert len(big) < 4096 and imaging.header_size(big[:64]) == ("JXL", 2000, 3000)
+    with pytest.raises(ImageDecodeError, match="header says 2000x3000 = 6,000,000 pixels"):
+        decode(big, max_pixels=1_000_000)
+
+
+def test_avif_and_heic_are_decoded_at_8_bits():
+    rgb = np.zeros((16, 24, 3), np.uint8)
+    rgb[:, :12], rgb[:, 12:] = (200, 30, 30), (30, 30, 200)
+    avif = decode(_save(Image.fromarray(rgb), "AVIF", quality=95))
+    heic = decode((Path(__file__).parent / "data" / "two-halves-24x16.heic").read_bytes())
+    for d, fmt in ((avif, "AVIF"), (heic, "HEIF")):
+        assert (d.format, d.bit_depth, d.pixels.shape) == (fmt, 8, (16, 24, 3))
+        assert np.abs(imaging.to_uint8(d.pixels).astype(int) - rgb).mean() < 4  # lossy, close
+
+
+def test_a_header_in_the_first_bytes_gives_format_and_size_without_the_rest():
+    png = _save(Image.fromarray(_u8(300, 400)), "PNG")
+    jpeg = _save(Image.fromarray(_u8(300, 400)), "JPEG", exif=_exif(6))
+    assert imaging.header_size(png[:1024]) == ("PNG", 400, 300)
+    assert imaging.header_size(jpeg[:1024]) == ("JPEG", 400, 300)  # as stored: the pixel count is the same
+    metadata_first = _save(Image.fromarray(_u8(300, 400)), "JPEG", icc_profile=bytes(100_000))
+    assert imaging.header_size(metadata_first[:65536]) is None  # cannot tell: the caller reads it all
+    assert imaging.header_size(metadata_first) == ("JPEG", 400, 300)
+    assert imaging.header_size(b"not an image at all") is None
+    # Pillow reads these only whole: their sizes are parsed from the first bytes here.
+    image = Image.fromarray(_u8(300, 400))
+    for webp in (_save(image, "WEBP", quality=90), _save(image, "WEBP", lossless=True),
+                 _save(image, "WEBP", quality=90, exif=_exif())):  # VP8, VP8L, VP8X
+        assert imaging.header_size(webp[:64]) == ("WEBP", 400, 300)
+    assert imaging.header_size(_save(image, "AVIF", quality=90)[:4096]) == ("AVIF", 400, 300)
+    fmt, width, height = imaging.header_size((Path(__file__).parent / "data" / "two-halves-24x16.heic").read_bytes())
+    assert fmt == "HEIF" and width >= 24 and height >= 16  # as coded: padded to the codec's blocks
+
+
+def test_unsupported_image_files_are_named_and_other_formats_are_written_as_png():
+    assert imaging.unsupported_reason("raw/IMG_0001.CR2") == "unsupported format: camera raw (.cr2) is not decoded"
+    assert imaging.unsupported_reason("x/layers.psd").startswith("unsupported format: Photoshop")
+    assert imaging.unsupported_reason("a.jp2") is None and imaging.unsupported_reason("notes.txt") is None
+    assert {imaging.output_format_for(imaging.format_for_path(f"a{e}")) for e in (".gif", ".jp2", ".heic", ".avif",
+                                                                                   ".jxl")} == {"PNG"}
+    assert imaging.output_format_for("WEBP") == "WEBP"
 
 
 # --- refusals ------------------------------------------------------------------------------------
@@ -443,9 +527,12 @@ def test_format_for_path_and_extensions():
     assert imaging.format_for_path("s3://b/x/Photo.JPEG") == "JPEG"
     assert imaging.format_for_path("a/b.tif") == "TIFF"
     assert imaging.is_image_path("x.WebP") and not imaging.is_image_path("notes.txt")
-    assert imaging.IMAGE_EXTENSIONS == {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp"}
+    assert imaging.IMAGE_EXTENSIONS == {".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp", ".gif", ".jp2",
+                                        ".j2k", ".j2c", ".jpc", ".jpf", ".jpx", ".avif", ".heic", ".heif", ".hif",
+                                        ".jxl"}
+    assert imaging.format_for_path("scan.JP2") == "JPEG2000" and imaging.format_for_path("p.heic") == "HEIF"
     with pytest.raises(ValueError, match="not an image file name"):
-        imaging.format_for_path("archive.gif")
+        imaging.format_for_path("layers.psd")
 
 
 def test_to_uint8_and_uint16_round_then_clip():

@@ -17,7 +17,7 @@ from clipsr.storage import NoImagesError, UnsafeKeyError
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 NAMES = ["a.png", "B.png", "img_10.png", "img_2.png", "Z.JPG", "sub/c.jpg", "sub/deeper/d.tiff", "é.webp"]
-IGNORED = [".DS_Store", ".hidden.png", ".cache/x.png", "notes.txt", "anim.gif", "sub/README"]
+IGNORED = [".DS_Store", ".hidden.png", ".cache/x.png", "notes.txt", "scan.psd", "sub/README"]
 SORTED = ["B.png", "Z.JPG", "a.png", "img_10.png", "img_2.png", "sub/c.jpg", "sub/deeper/d.tiff", "é.webp"]
 
 
@@ -307,3 +307,17 @@ def test_other_fsspec_protocols_list_read_and_write():
     assert storage.read_bytes(found[0]) == b"A.png"
     storage.delete(found[0])
     assert not storage.exists(found[0])
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_read_range_reads_a_slice_and_nothing_past_the_end(where, tmp_path, request):
+    root = request.getfixturevalue("s3_bucket") if where == "s3" else str(tmp_path)
+    uri = f"{root}/obj.bin"
+    data = bytes(range(256)) * 4
+    storage.write_bytes_atomic(uri, data)
+    assert storage.read_range(uri, 0, 16) == data[:16]
+    assert storage.read_range(uri, 1000, 5000) == data[1000:]  # fewer where the object ends sooner
+    assert storage.read_range(uri, 1024, 2048) == b""  # starting at the end: nothing, no error
+    assert storage.read_range(uri, 5000, 6000) == b""
+    with pytest.raises(FileNotFoundError):
+        storage.read_range(f"{root}/missing.bin", 0, 16)

@@ -2,7 +2,8 @@
 
 A permanent failure comes from the input's key or bytes alone, so reading the same object again
 fails the same way: an unsafe key, an output key inside the job's own state, an empty, corrupt,
-truncated or unsupported file, an image over the pixel limit. The index remembers such inputs, and
+truncated or unsupported file, an image over the pixel limit or an object over the byte limit,
+an animated GIF, and bytes that crash or exhaust the isolated decoder process. The index remembers such inputs, and
 later runs carry their failure forward without reading them while key, size and ETag (mtime) and
 scale are unchanged (plan.py); ``--retry-failed`` reads them again.
 
@@ -32,6 +33,10 @@ _PERMANENT = re.compile(
     r"|unsupported TIFF photometric interpretation"
     r"|too many pixels"  # Pillow's own limit
     r"|output too large: x[0-9]+ would exceed --max-output-pixels"
+    r"|input too large: "  # --max-input-bytes, from the listing or when read
+    r"|animated GIF"
+    r"|decoder crashed: "  # the isolated decoder process died on these bytes
+    r"|decoder out of memory: "
 )
 
 

@@ -52,7 +52,7 @@ SCHEMA = pa.schema([
     ("model_id", pa.string()), ("model_version", pa.string()), ("domain", pa.string()),
     ("scale", pa.int32()), ("output_uri", pa.string()), ("output_size", pa.int64()), ("run_id", pa.string()),
     ("route_embedding", pa.binary()),  # --route auto: routes the input again without reading it
-    ("status", pa.string()), ("error", pa.string()),  # version 2: "ok", or "failed" with the permanent reason
+    ("status", pa.string()), ("error", pa.string()),  # version 2: "ok", "failed" with the permanent reason, or "unsupported"
 ])
 _COLUMNS = SCHEMA.names
 _MANIFEST_COLUMNS = ["input_key", "input_size", "input_etag", "input_mtime", "model_id", "model_version", "domain",
@@ -201,9 +201,12 @@ class IndexStore:
 
 
 def kept(status: str, error: str | None, carried_forward: bool | None) -> bool:
-    """Whether the index keeps a manifest row: ok, or failed for a permanent reason in the run that
-    read the input (a carried-forward row repeats an earlier run's, which the index already holds)."""
-    return status == "ok" or (status == "failed" and not carried_forward and is_permanent(error))
+    """Whether the index keeps a manifest row: ok, or failed for a permanent reason (or unsupported)
+    in the run that first found it (a carried-forward row repeats an earlier run's, which the index
+    already holds)."""
+    if carried_forward:
+        return False
+    return status in ("ok", "unsupported") or (status == "failed" and is_permanent(error))
 
 
 def manifest_index_rows(run_uri: str) -> Iterable[list[tuple]]:

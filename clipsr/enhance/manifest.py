@@ -24,7 +24,7 @@ from clipsr import storage
 from clipsr.config import load_schema
 from clipsr.enhance import rows as R
 
-STATUSES = ("ok", "failed", "skipped")
+STATUSES = ("ok", "failed", "skipped", "unsupported")
 _ARROW_TYPES = {
     "string": pa.string(),
     "int32": pa.int32(),

@@ -6,6 +6,9 @@ import argparse
 from dataclasses import dataclass, fields
 
 DEFAULT_MAX_OUTPUT_PIXELS = 64_000_000
+# 256 MiB: above any uncompressed input (16-bit RGBA, 8 bytes a pixel) within the default pixel
+# limit at x2 (16 megapixels), far below what would strain a worker.
+DEFAULT_MAX_INPUT_BYTES = 256 << 20
 FORMATS = ("png", "jpeg", "webp", "tiff")
 
 
@@ -27,6 +30,7 @@ class EnhanceOptions:
     dry_run: bool = False
     retry_failed: bool = False
     max_output_pixels: int = DEFAULT_MAX_OUTPUT_PIXELS
+    max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
     image_timeout: float = 600.0
     clip_weights: str | None = None
     device: str = "auto"
@@ -50,6 +54,8 @@ class EnhanceOptions:
             raise ValueError(f"--limit must be at least 1, got {self.limit}")
         if self.max_output_pixels < 1:
             raise ValueError(f"--max-output-pixels must be positive, got {self.max_output_pixels}")
+        if self.max_input_bytes < 1:
+            raise ValueError(f"--max-input-bytes must be positive, got {self.max_input_bytes}")
         if self.image_timeout <= 0:
             raise ValueError(f"--image-timeout must be positive, got {self.image_timeout}")
         if self.format is not None and self.format.lower() not in FORMATS + ("jpg", "tif"):
@@ -66,15 +72,18 @@ class EnhanceOptions:
         return cls(**{f.name: getattr(args, f.name) for f in fields(cls)})
 
 
-def _pixels(text: str) -> int:
-    """Whole numbers, also written as 64e6 or 64_000_000."""
-    try:
-        value = float(text.replace("_", ""))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of pixels, got {text!r}") from None
-    if value < 1 or value != int(value):
-        raise argparse.ArgumentTypeError(f"expected a positive whole number of pixels, got {text!r}")
-    return int(value)
+def _count(what: str):
+    """An argparse type for whole numbers of ``what``, also written as 64e6 or 64_000_000."""
+    def parse(text: str) -> int:
+        try:
+            value = float(text.replace("_", ""))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of {what}, got {text!r}") from None
+        if value < 1 or value != int(value):
+            raise argparse.ArgumentTypeError(f"expected a positive whole number of {what}, got {text!r}")
+        return int(value)
+
+    return parse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -96,15 +105,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", choices=FORMATS, type=str.lower,
                    help="convert outputs to this format (extension replaced); default: keep each input's")
     p.add_argument("--max-failed-fraction", type=float, default=0.01, metavar="F",
-                   help="exit 2 when failed / (ok + failed) is above F (default 0.01)")
+                   help="exit 2 when (failed + unsupported) / (ok + failed + unsupported) is above F "
+                        "(default 0.01)")
     p.add_argument("--limit", type=int, metavar="N", help="take only the first N listed keys")
     p.add_argument("--dry-run", action="store_true", help="list, route and count; write nothing")
     p.add_argument("--retry-failed", action="store_true",
                    help="read again the inputs that an earlier run failed for a permanent reason (corrupt, not an "
                         "image, over the pixel limit, unsafe key); by default they are carried forward unread "
                         "while their key, size, ETag (mtime) and scale are unchanged, and not counted as failed again")
-    p.add_argument("--max-output-pixels", type=_pixels, default=DEFAULT_MAX_OUTPUT_PIXELS, metavar="N",
+    p.add_argument("--max-output-pixels", type=_count("pixels"), default=DEFAULT_MAX_OUTPUT_PIXELS, metavar="N",
                    help="refuse (a failed row) inputs whose output would have more pixels (default 64e6)")
+    p.add_argument("--max-input-bytes", type=_count("bytes"), default=DEFAULT_MAX_INPUT_BYTES, metavar="N",
+                   help="refuse (a failed row, never read) inputs larger than N bytes, from the listing "
+                        "(default 268435456, 256 MiB)")
     p.add_argument("--image-timeout", type=float, default=600.0, metavar="SECONDS",
                    help="per-image inference time limit (default 600)")
     p.add_argument("--clip-weights", help="CLIP weights file/URI, for models trained with one")

@@ -36,6 +36,7 @@ import ray.data
 from clipsr.enhance.decode import decode_batch
 from clipsr.enhance.infer import InferStage
 from clipsr.enhance.manifest import ManifestWriter
+from clipsr.enhance.options import DEFAULT_MAX_INPUT_BYTES
 from clipsr.enhance.plan import read_plan_parts
 from clipsr.enhance.write import write_batch
 
@@ -122,7 +123,7 @@ def plan_resources(nodes: Iterable[Mapping[str, float]], device: str = "auto", a
 
 def build_dataset(plan_parts: list[str], res: Resources, env: dict[str, str], max_output_pixels: int,
                   precision: str, tile: int, clip_weights: str | None, image_timeout: float,
-                  batch_size: int = 16) -> ray.data.Dataset:
+                  batch_size: int = 16, max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> ray.data.Dataset:
     """The lazy dataset of one run; iterating it runs the job and yields the written (or failed) rows."""
     remote: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     ds = ray.data.from_items([{"part": uri} for uri in plan_parts], override_num_blocks=max(1, len(plan_parts)))
@@ -138,7 +139,8 @@ def build_dataset(plan_parts: list[str], res: Resources, env: dict[str, str], ma
     ds.context.wait_for_min_actors_s = ACTOR_START_S
     ds = ds.map_batches(read_plan_parts, batch_size=1, batch_format="pyarrow", num_cpus=res.light_cpus, **remote)
     ds = ds.map_batches(decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=res.task_cpus,
-                        fn_kwargs={"max_output_pixels": max_output_pixels}, **remote)
+                        fn_kwargs={"max_output_pixels": max_output_pixels, "max_input_bytes": max_input_bytes},
+                        **remote)
     pool = ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors)
     ds = ds.map_batches(
         InferStage, batch_size=batch_size, batch_format="pyarrow", compute=pool,

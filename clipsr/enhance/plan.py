@@ -4,11 +4,14 @@ The input listing, the output listing and the index are streamed into SQLite tab
 driver's local disk and joined there, so the driver's memory does not grow with the number of
 keys (SQLite sorts and joins out of core). One ordered pass then decides each key:
 
-- inputs that an earlier run failed for a permanent reason (clipsr.enhance.failures), with the
-  same size, ETag (mtime where there is no ETag) and scale: failed again without being read,
-  ``carried_forward`` with the earlier run's reason, unless ``--retry-failed``;
-- unsafe keys and keys whose output would land in the job's own state: failed, never read;
+- inputs that an earlier run failed for a permanent reason (clipsr.enhance.failures) or found in
+  a format not decoded here, with the same size, ETag (mtime where there is no ETag) and scale:
+  the same status again without being read, ``carried_forward`` with the earlier run's reason,
+  unless ``--retry-failed``;
+- unsafe keys, keys whose output would land in the job's own state and objects over
+  ``--max-input-bytes``: failed, never read;
 - hidden files and non-image names: skipped ("not an input");
+- image files of a format not decoded here: unsupported, never read;
 - an output key that belongs to another input is failed, never an overwrite. It belongs to the
   input whose index row names it (an earlier run made it from that input) while that input still
   maps to it or the output object is still there. Otherwise, when two inputs map to one output
@@ -21,7 +24,7 @@ keys (SQLite sorts and joins out of core). One ordered pass then decides each ke
   domain or domain version changed;
 - everything else: a plan row, written in parts for the Ray Data pipeline to read.
 
-Skipped and failed rows go straight to the manifest from here.
+Skipped, unsupported and failed rows go straight to the manifest from here.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from clipsr import storage
 from clipsr.enhance import manifest
 from clipsr.enhance import rows as R
 from clipsr.enhance.layout import RESERVED, RunLayout
-from clipsr.enhance.listing import classify_key, output_format
+from clipsr.enhance.listing import STATUS_BY_KIND, classify_key, output_format
 
 if TYPE_CHECKING:  # routing imports the model factory (torch); plan parts are read in light tasks
     from clipsr.enhance.routing import Route, Router
@@ -53,9 +56,9 @@ _INSERT_BATCH = 10_000
 class PlanCounts:
     listed: int = 0
     to_process: int = 0
-    statuses: Counter = field(default_factory=Counter)  # failed / skipped decided here
-    carried: int = 0  # of the failed: carried forward from an earlier run (not attempted)
-    reasons: Counter = field(default_factory=Counter)  # first part of each failed/skipped reason
+    statuses: Counter = field(default_factory=Counter)  # failed / skipped / unsupported decided here
+    carried: int = 0  # of the failed and unsupported: carried forward from an earlier run (not attempted)
+    reasons: Counter = field(default_factory=Counter)  # first part of each of their reasons
     models: Counter = field(default_factory=Counter)  # model id -> inputs to process
 
 
@@ -150,11 +153,12 @@ def _batched(items: Iterable[tuple], size: int = _INSERT_BATCH) -> Iterator[list
         yield batch
 
 
-def load_listing(db: sqlite3.Connection, objects: Iterable[storage.ObjectInfo], fmt: str | None) -> int:
+def load_listing(db: sqlite3.Connection, objects: Iterable[storage.ObjectInfo], fmt: str | None,
+                 max_input_bytes: int | None = None) -> int:
     """Stream the input listing into ``listing`` with each key's classification; returns the count."""
     def rows() -> Iterator[tuple]:
         for info in objects:
-            decision = classify_key(info.key, fmt)
+            decision = classify_key(info.key, fmt, info.size, max_input_bytes)
             yield (_printable(info.key), _printable(info.uri), info.size, info.etag, _mtime_ms(info.mtime),
                    decision.kind, decision.reason, decision.output_key)
 
@@ -214,12 +218,14 @@ def _unchanged(size, etag, mtime_ms, route: Route, scale: int, output_uri: str, 
 
 
 def _failed_before(size, etag, mtime_ms, scale: int, prior: _Prior) -> bool:
-    """An earlier run failed this key with these very bytes, at this scale, for a permanent reason."""
-    return prior.status == "failed" and prior.scale == scale and _same_content(size, etag, mtime_ms, prior)
+    """An earlier run failed this key with these very bytes, at this scale, for a permanent reason
+    (or found it in a format not decoded here)."""
+    return (prior.status in ("failed", "unsupported") and prior.scale == scale
+            and _same_content(size, etag, mtime_ms, prior))
 
 
 def _carried_forward(prior: _Prior) -> dict[str, Any]:
-    return {"status": "failed", "carried_forward": True, "previous_run_id": prior.run_id,
+    return {"status": prior.status, "carried_forward": True, "previous_run_id": prior.run_id,
             "error": f"carried forward from run {prior.run_id}: {prior.error}"}
 
 
@@ -253,7 +259,7 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
             if carried:
                 _record(sink, counts, {**base, **_carried_forward(prior)})
                 continue
-            status = "skipped" if kind == "ignored" else "failed"
+            status = STATUS_BY_KIND[kind]
             _record(sink, counts, {**base, "status": status, "error": reason})
             continue
         embedding = prior.route_embedding

@@ -8,17 +8,18 @@ Order of events (each step's output is what makes the next one safe to rerun):
    output prefix for this input if no input has, register the run in the index (``in_progress``);
    from here on the lock is checked before every write of state and at every progress report, and
    a lost lock stops the run (exit 1);
-3. plan on the driver (plan.py): every listed key becomes a plan row, or a skipped/failed
-   manifest row written at once;
+3. plan on the driver (plan.py): every listed key becomes a plan row, or a skipped, unsupported or
+   failed manifest row written at once;
 4. run the Ray Data pipeline over the plan: each output is committed, then its row streams back to
    the driver, which writes the manifest in parts every ``--commit-every`` seconds;
 5. fold this run's ok and permanently failed rows (and those of earlier unfinished runs) into a new
    index generation;
 6. remove the plan, release the lock, print one summary line.
 
-Exit status: 0 when the run finished and failed / (ok + failed) is at most
-``--max-failed-fraction`` (skipped inputs and failures carried forward from an earlier run were
-not attempted, so they count on neither side);
+Exit status: 0 when the run finished and (failed + unsupported) / (ok + failed + unsupported) is at
+most ``--max-failed-fraction`` (an unsupported image is never done, like a failed one; skipped
+inputs and failures carried forward from an earlier run were not attempted, so they count on
+neither side);
 2 when it finished above that; 1 when it could not complete (bad options, unreachable storage,
 a held lock, a crashed pipeline). Killed or failed at any point, a rerun finishes the rest: ok rows
 already in the manifest are folded into the index and their inputs skipped.
@@ -58,15 +59,16 @@ class RunResult:
     exit_code: int
     summary: str
     manifest_uri: str | None = None
-    counts: Counter = field(default_factory=Counter)  # ok / failed / skipped, carried_forward (of the failed)
+    counts: Counter = field(default_factory=Counter)  # ok / failed / skipped / unsupported, carried_forward
     listed: int = 0
     dry_run: bool = False
 
 
 def attempted(counts: Counter) -> tuple[int, int]:
-    """(failed, attempted) of this run: failures carried forward were not attempted."""
-    failed = counts["failed"] - counts["carried_forward"]
-    return failed, counts["ok"] + failed
+    """(not done, attempted) of this run: failed or unsupported, less what was carried forward from an
+    earlier run without being attempted again."""
+    not_done = counts["failed"] + counts["unsupported"] - counts["carried_forward"]
+    return not_done, counts["ok"] + not_done
 
 
 def failed_fraction(counts: Counter) -> float:
@@ -134,7 +136,7 @@ def _plan(db: sqlite3.Connection, opts: EnhanceOptions, layout: RunLayout, route
         outputs = plan.load_outputs(db, storage.iter_objects(layout.output))
     except FileNotFoundError:  # a first run into a folder that does not exist yet
         outputs = 0
-    listed = plan.load_listing(db, iter_inputs(layout.input, [], opts.limit), opts.format)
+    listed = plan.load_listing(db, iter_inputs(layout.input, [], opts.limit), opts.format, opts.max_input_bytes)
     log.info("listed %d input keys, %d outputs; index holds %d keys", listed, outputs, loaded)
     return plan.decide(db, layout, router, scale, opts.format, sink, retry_failed=opts.retry_failed)
 
@@ -150,7 +152,8 @@ def _dry_run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int
     models = ", ".join(f"{n} with {m}" for m, n in counts.models.most_common()) or "none"
     reasons = "; ".join(f"{n} {r}" for r, n in counts.reasons.most_common(5))
     summary = (f"clipsr enhance: dry run: {counts.listed} listed: would process {counts.to_process} ({models}), "
-               f"skip {counts.statuses['skipped']}, fail {counts.statuses['failed']}{_carried(counts.carried)}"
+               f"skip {counts.statuses['skipped']}, fail {counts.statuses['failed']}, "
+               f"unsupported {counts.statuses['unsupported']}{_carried(counts.carried)}"
                + (f" [{reasons}]" if reasons else "") + "; nothing written (exit 0)")
     return RunResult(layout.run_id, EXIT_OK, summary, counts=Counter(counts.statuses, carried_forward=counts.carried),
                      listed=counts.listed, dry_run=True)
@@ -205,7 +208,7 @@ def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str]
         log.info("inference: %s", res.describe())
         ds = pipeline.build_dataset(plan_parts, res, worker_env(), opts.max_output_pixels, opts.precision,
                                     opts.tile, _absolute_spec(opts.clip_weights), opts.image_timeout,
-                                    opts.batch_size)
+                                    opts.batch_size, opts.max_input_bytes)
         writer = ManifestWriter(layout.run_id, layout.manifest_run(), fence=check_lock,
                                 every_s=opts.commit_every)
         start = last = time.monotonic()
@@ -234,10 +237,11 @@ def _finish(opts: EnhanceOptions, layout: RunLayout, listed: int, totals: Counte
     code = EXIT_FAILED_ABOVE_THRESHOLD if above else EXIT_OK
     manifest_uri = layout.manifest_run() + "/"
     summary = (f"clipsr enhance: run {layout.run_id} finished: {listed} listed, {totals['ok']} ok, "
-               f"{totals['failed']} failed{_carried(totals['carried_forward'])}, {totals['skipped']} skipped; "
-               f"failed {failed} of {tried} attempted ({fraction:.1%}) {'>' if above else '<='} "
-               f"{opts.max_failed_fraction:.1%}; manifest {manifest_uri} (exit {code})")
-    kinds = ("ok", "failed", "skipped", "carried_forward")
+               f"{totals['failed']} failed, {totals['skipped']} skipped, {totals['unsupported']} unsupported"
+               f"{_carried(totals['carried_forward'])}; failed or unsupported {failed} of {tried} attempted "
+               f"({fraction:.1%}) {'>' if above else '<='} {opts.max_failed_fraction:.1%}; "
+               f"manifest {manifest_uri} (exit {code})")
+    kinds = ("ok", "failed", "skipped", "unsupported", "carried_forward")
     return RunResult(layout.run_id, code, summary, manifest_uri, Counter({k: totals[k] for k in kinds}), listed)
 
 
