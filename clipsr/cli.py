@@ -417,7 +417,7 @@ def _add_report(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--run", help="run id under the manifest root")
     p.add_argument("--out", required=True, help="HTML file to write (path or URI)")
     p.add_argument("--samples", type=int, default=3, help="bicubic | enhanced crops per domain (default 3)")
-    p.add_argument("--crop", type=_positive_int, default=160, help="side of a crop in output pixels (default 160)")
+    p.add_argument("--crop", type=_positive_int, default=128, help="side of a crop in output pixels (default 128)")
     p.set_defaults(func=_run_report)
 
 

@@ -65,7 +65,7 @@ def resolve_run(manifest_uri: str, run_id: str | None = None) -> tuple[str, str]
     return f"{root}/run={run_id}", run_id
 
 
-def build_report(manifest_uri: str, run_id: str | None = None, samples: int = 3, crop: int = 160) -> dict[str, Any]:
+def build_report(manifest_uri: str, run_id: str | None = None, samples: int = 3, crop: int = 128) -> dict[str, Any]:
     """The report of one run: see the module docstring. ``samples`` crops per domain, each
     ``crop`` output pixels square (less for smaller images)."""
     if samples < 0 or crop < 1:

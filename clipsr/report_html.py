@@ -28,7 +28,7 @@ text-align:left;vertical-align:top}td.n,th.n{text-align:right;font-variant-numer
 code{font-size:12px;word-break:break-all}figure{margin:8px 0 18px}figcaption{color:#555;font-size:13px}
 .samples{display:flex;gap:22px;flex-wrap:wrap}.pair{display:flex;gap:6px}
 .pair img{image-rendering:pixelated;display:block;border:1px solid #ccc}.pair span{font-size:12px;color:#555}
-.sample figcaption{max-width:660px}.error{color:#b3261e}
+.sample figcaption{max-width:520px}.error{color:#b3261e}
 """
 _NONE = "(none)"
 _PNG = "data:image/png;base64,"
@@ -115,7 +115,7 @@ def _sample(s: dict[str, Any]) -> str:
     if "error" in s:
         return f"<figure class=\"sample\"><figcaption>{what}<br><span class=\"error\">{escape(s['error'])}</span></figcaption></figure>"
     x, y, w, h = s["box"]
-    zoom = max(1, min(4, 320 // max(w * s["scale"], h * s["scale"])))
+    zoom = max(1, min(4, 256 // max(w * s["scale"], h * s["scale"])))
     size = f"width=\"{w * s['scale'] * zoom}\" height=\"{h * s['scale'] * zoom}\""
     gain = "" if s["sharpness_gain"] is None else f", sharpness gain {s['sharpness_gain']:.2f}"
     pair = "".join(f"<div><img src=\"{_PNG}{s[name]}\" {size} alt=\"{label}\"><span>{label}</span></div>"

@@ -163,6 +163,13 @@ def test_resolve_run_takes_a_run_folder_or_the_latest_run_under_a_root(tmp_path)
         resolve_run(str(tmp_path / "empty"))
 
 
+def test_the_command_exits_1_when_there_is_no_run(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    assert main(["report", "--manifest", str(tmp_path / "m"), "--out", str(tmp_path / "r.html")]) == 1
+    assert "clipsr report: error: no manifest runs" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()
+
+
 def test_the_bicubic_crop_is_the_crop_of_the_whole_upscale():
     lr = np.random.default_rng(3).random((30, 37, 3))
     whole = imresize(lr, output_shape=(90, 111))
