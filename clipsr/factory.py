@@ -7,7 +7,11 @@ command line takes it, is one of:
 - ``default`` / ``default-x4`` / ``default-x2``: the weights bundled with the package;
 - a registry reference ``REGISTRY/DOMAIN`` (that domain's current version) or
   ``REGISTRY/DOMAIN/vN`` (a given version), as written by ``clipsr adapt --out REGISTRY``;
-- a checkpoint path or URI (local, ``file://``, ``s3://``...).
+- a checkpoint path or URI (local, ``file://``, ``s3://``...);
+- ``spandrel:PATH_OR_URI``: a weights file of another architecture, read by spandrel (the
+  optional extra; :mod:`clipsr.models.external`). A path or URI without the prefix is read by
+  spandrel too when it holds no clipsr metadata, so a ``.safetensors`` or ``.pth`` of ESRGAN,
+  SwinIR, SPAN... is a model spec as it is.
 
 Adapted models are deltas on a source model: loading one loads its parent too, and checks the
 parent's content hash against the one recorded, so a renamed or retrained source is caught. A
@@ -25,15 +29,19 @@ from typing import Any
 
 from clipsr import storage
 from clipsr.inference import BicubicUpscaler, NetworkUpscaler, Upscaler
-from clipsr.models import CDASR
+from clipsr.models import CDASR, external
 from clipsr.config import validate
-from clipsr.models.checkpoint import CheckpointError, from_bytes, read_metadata, to_bytes
+from clipsr.models.checkpoint import CheckpointError, NotACheckpointError, from_bytes, pack, read_metadata, to_bytes
 from clipsr.models.upsampler import SCALES
 from clipsr.provenance import code_revision, utc_now
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 BUNDLED = {"default": "default-x4", "default-x4": "default-x4", "default-x2": "default-x2"}
+SPANDREL_PREFIX = "spandrel:"
+
+#: A loaded network: clipsr's own, or another architecture's as spandrel builds it.
+Network = CDASR | external.SpandrelNetwork
 
 
 @lru_cache(maxsize=None)
@@ -63,13 +71,42 @@ def create_model(arch: str, scale: int) -> CDASR:
     return CDASR(scale=scale, **get_model_config(arch))
 
 
+def parse_model_spec(spec: str) -> tuple[str, str]:
+    """A spec's kind and what it names, before any lookup: ``bicubic``, ``bundled`` (the bundled
+    name), ``spandrel`` (the URI after the prefix), or ``file`` (a registry reference or a path/URI,
+    whose bytes tell a clipsr checkpoint from another architecture's weights)."""
+    if spec == "bicubic":
+        return "bicubic", spec
+    if spec in BUNDLED:
+        return "bundled", BUNDLED[spec]
+    if spec.startswith(SPANDREL_PREFIX):
+        uri = spec[len(SPANDREL_PREFIX):]
+        if not uri:
+            raise ValueError("model spec 'spandrel:' names no file; expected spandrel:PATH_OR_URI")
+        return "spandrel", uri
+    return "file", spec
+
+
+def absolute_spec(spec: str) -> str:
+    """``spec`` with a local path made absolute: Ray workers do not share the driver's working directory."""
+    kind, name = parse_model_spec(spec)
+    if kind in ("bicubic", "bundled"):
+        return spec
+    if kind == "spandrel":
+        return SPANDREL_PREFIX + storage.absolute(name)
+    return storage.absolute(name)
+
+
 def _locate(spec: str) -> tuple[str, str | None]:
     """A model spec's checkpoint URI, and the registry it lies in if the spec is a reference."""
-    if spec in BUNDLED:
-        path = WEIGHTS_DIR / f"{BUNDLED[spec]}.safetensors"
+    kind, name = parse_model_spec(spec)
+    if kind == "bundled":
+        path = WEIGHTS_DIR / f"{name}.safetensors"
         if not path.exists():
             raise FileNotFoundError(f"the bundled model {spec!r} is not installed ({path} is missing)")
         return str(path), None
+    if kind == "spandrel":
+        return name, None
     from clipsr.registry import resolve_ref
 
     entry = resolve_ref(spec)
@@ -81,28 +118,59 @@ def checkpoint_uri(spec: str) -> str:
     return _locate(spec)[0]
 
 
-def load_checkpoint(spec: str) -> tuple[CDASR, dict[str, Any]]:
+def load_checkpoint(spec: str) -> tuple[Network, dict[str, Any]]:
     """The network and metadata a model spec names (deltas applied onto their verified parent)."""
     model, meta, _ = load_checkpoint_files(spec)
     return model, meta
 
 
-def load_checkpoint_files(spec: str) -> tuple[CDASR, dict[str, Any], list[bytes]]:
+def load_checkpoint_files(spec: str) -> tuple[Network, dict[str, Any], list[bytes]]:
     """:func:`load_checkpoint`, plus the bytes of the file read and of each parent it was applied
     onto, nearest first: what a registry keeps so that a delta on this model stays loadable."""
-    uri, registry = _locate(spec)
-    try:
-        data = storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"model {spec!r} not found: expected 'bicubic', one of {sorted(BUNDLED)}, "
-            "a registry reference REGISTRY/DOMAIN[/vN], or a checkpoint path/URI"
-        ) from None
+    data, uri, registry = _read(spec)
+    if parse_model_spec(spec)[0] == "spandrel":
+        return (*_external(data, uri), [data])
     return _from_file(data, uri, registry)
 
 
-def _from_file(data: bytes, uri: str, registry: str | None) -> tuple[CDASR, dict[str, Any], list[bytes]]:
-    meta = read_metadata(data)
+def _read(spec: str) -> tuple[bytes, str, str | None]:
+    uri, registry = _locate(spec)
+    try:
+        return storage.read_bytes(uri), uri, registry
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"model {spec!r} not found: expected 'bicubic', one of {sorted(BUNDLED)}, "
+            "a registry reference REGISTRY/DOMAIN[/vN], a checkpoint path/URI, or spandrel:PATH_OR_URI"
+        ) from None
+
+
+def _external(data: bytes, uri: str) -> tuple[external.SpandrelNetwork, dict[str, Any]]:
+    network, meta = external.load_file(data, uri)
+    meta["source_uri"] = uri
+    return network, meta
+
+
+def read_model_metadata(spec: str) -> dict[str, Any]:
+    """A model's metadata (id, scale, CLIP encoder) as cheaply as it comes: a clipsr checkpoint's
+    header, without the weights; a file of another architecture has no header, so spandrel builds
+    the network to read its scale and hash its weights."""
+    data, uri, _ = _read(spec)
+    if parse_model_spec(spec)[0] != "spandrel":
+        try:
+            return read_metadata(data)
+        except NotACheckpointError:
+            pass
+    return _external(data, uri)[1]
+
+
+def _from_file(data: bytes, uri: str, registry: str | None) -> tuple[Network, dict[str, Any], list[bytes]]:
+    try:
+        meta = read_metadata(data)
+    except NotACheckpointError:
+        return (*_external(data, uri), [data])
+    if external.is_external(meta):  # adapted weights of another architecture: stored whole
+        meta["source_uri"] = uri
+        return external.load_checkpoint(data, meta, uri), meta, [data]
     base, files = None, [data]
     if meta["kind"] == "delta":
         parent = meta["parent"]
@@ -118,7 +186,7 @@ def _from_file(data: bytes, uri: str, registry: str | None) -> tuple[CDASR, dict
     return model, meta, files
 
 
-def _load_parent(meta: dict[str, Any], registry: str | None) -> tuple[CDASR, dict[str, Any], list[bytes], str]:
+def _load_parent(meta: dict[str, Any], registry: str | None) -> tuple[Network, dict[str, Any], list[bytes], str]:
     """A delta's parent and where it was found: the registry's copy named by the parent's file
     hash if there is one, else the locator recorded (registries written before copies were kept)."""
     file_sha = meta["parent"].get("file_sha256")
@@ -142,7 +210,7 @@ def _load_parent(meta: dict[str, Any], registry: str | None) -> tuple[CDASR, dic
 
 
 def encode_checkpoint(
-    model: CDASR,
+    model: Network,
     arch: str,
     clip_encoder: dict[str, Any] | None = None,
     training_data: Any = None,
@@ -155,7 +223,8 @@ def encode_checkpoint(
     """``model`` as checkpoint bytes of architecture ``arch``, and the metadata they carry.
 
     With ``delta_keys``, only those tensors are stored and ``parent`` / ``parent_spec`` say what
-    they apply to. The metadata is validated against ``schemas/checkpoint.schema.json``.
+    they apply to. The metadata is validated against ``schemas/checkpoint.schema.json``. A network
+    of another architecture is stored whole, under its own tensor names.
     """
     meta = {
         "clip_encoder": clip_encoder,
@@ -169,7 +238,12 @@ def encode_checkpoint(
     }
     if delta_keys is not None and parent is None:
         raise ValueError("a delta checkpoint needs its parent (id and weights_sha256)")
-    data, full = to_bytes(model, arch, get_model_config(arch), meta, keys=delta_keys)
+    if isinstance(model, external.SpandrelNetwork):
+        if delta_keys is not None:
+            raise ValueError(f"a spandrel {model.arch} model is stored whole, not as a delta")
+        data, full = pack(model.weights(), model.scale, arch, external.arch_config(model), meta)
+    else:
+        data, full = to_bytes(model, arch, get_model_config(arch), meta, keys=delta_keys)
     validate(full, "checkpoint")
     return data, full
 
@@ -228,4 +302,6 @@ def load_upscaler(
     if scale is not None and scale != meta["scale"]:
         raise CheckpointError(f"model {meta['id']} is a x{meta['scale']} model, but x{scale} was asked for")
     encoder = load_encoder_for(meta, clip_weights)
+    if isinstance(model, external.SpandrelNetwork):
+        return external.SpandrelUpscaler(model, meta, device=device, precision=precision, tile=tile)
     return NetworkUpscaler(model, meta, encoder=encoder, device=device, precision=precision, tile=tile)

@@ -92,20 +92,16 @@ def describe_encoder(identity: Mapping[str, Any] | None) -> str | None:
 
 
 def resolve_model(spec: str, scale: int | None) -> ModelRef:
-    """Identify a model spec from its checkpoint header, without building the network."""
+    """Identify a model spec from its checkpoint header, without building the network (a weights
+    file of another architecture has no header: spandrel builds it here, once, on the driver)."""
     if spec == "bicubic":
         if scale is None:
             raise ValueError("--model bicubic needs --scale")
         return ModelRef(spec="bicubic", id="bicubic", scale=scale)
-    from clipsr.factory import checkpoint_uri  # imports torch: kept out of the light task workers
-    from clipsr.models.checkpoint import CheckpointError, read_metadata
+    from clipsr.factory import read_model_metadata  # imports torch: kept out of the light task workers
+    from clipsr.models.checkpoint import CheckpointError
 
-    uri = checkpoint_uri(spec)
-    try:
-        meta = read_metadata(storage.read_bytes(uri))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"model {spec!r} not found: expected 'bicubic', 'default', a registry "
-                                "reference, or a checkpoint path/URI") from None
+    meta = read_model_metadata(spec)
     if scale is not None and scale != meta["scale"]:
         raise CheckpointError(f"model {meta['id']} is a x{meta['scale']} model, but --scale {scale} was asked for")
     return ModelRef(spec=spec, id=meta["id"], scale=int(meta["scale"]),

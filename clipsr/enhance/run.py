@@ -78,13 +78,11 @@ def failed_fraction(counts: Counter) -> float:
 
 def _absolute_spec(spec: str | None) -> str | None:
     """Local model paths made absolute: Ray workers do not share the driver's working directory."""
-    if spec is None or spec == "bicubic":
+    if spec is None:
         return spec
-    from clipsr.factory import BUNDLED  # imports torch
+    from clipsr.factory import absolute_spec  # imports torch
 
-    if spec in BUNDLED:
-        return spec
-    return storage.absolute(spec)
+    return absolute_spec(spec)
 
 
 def run_enhance(opts: EnhanceOptions, progress: TextIO | None = None) -> RunResult:

@@ -33,6 +33,10 @@ class CheckpointError(ValueError):
     """A file that is not a clipsr checkpoint, or one that does not fit what it is loaded into."""
 
 
+class NotACheckpointError(CheckpointError):
+    """A file without clipsr metadata: the factory then offers it to the loader of other architectures."""
+
+
 def model_id(arch_name: str, scale: int, sha256: str) -> str:
     return f"{arch_name}-x{scale}-{sha256[:12]}"
 
@@ -42,7 +46,16 @@ def to_bytes(
     keys: list[str] | None = None,
 ) -> tuple[bytes, dict[str, Any]]:
     """Serialise ``model`` (only ``keys`` for a delta); returns the bytes and the metadata written."""
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    return pack(model.state_dict(), model.scale, arch_name, arch_config, meta, keys)
+
+
+def pack(
+    state: dict[str, Any], scale: int, arch_name: str, arch_config: dict[str, Any], meta: dict[str, Any],
+    keys: list[str] | None = None,
+) -> tuple[bytes, dict[str, Any]]:
+    """:func:`to_bytes` on named tensors: networks of other architectures are stored under their
+    own tensor names, so the file stays loadable by the library that built them."""
+    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     sha = tensors_sha256(state)
     stored = state if keys is None else {k: state[k] for k in keys}
     full = {
@@ -50,11 +63,11 @@ def to_bytes(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "kind": "full" if keys is None else "delta",
-        "id": model_id(arch_name, model.scale, sha),
+        "id": model_id(arch_name, scale, sha),
         "weights_sha256": sha,
         "stored_sha256": tensors_sha256(stored),
         "arch": {"name": arch_name, "config": arch_config},
-        "scale": model.scale,
+        "scale": scale,
     }
     full.setdefault("clip_encoder", None)
     return st_save(stored, metadata={METADATA_KEY: json.dumps(full, sort_keys=True)}), full
@@ -63,15 +76,15 @@ def to_bytes(
 def read_metadata(data: bytes) -> dict[str, Any]:
     """The JSON metadata of a checkpoint, read from the safetensors header without the weights."""
     if len(data) < 8:
-        raise CheckpointError("not a clipsr checkpoint: file is too short")
+        raise NotACheckpointError("not a clipsr checkpoint: file is too short")
     (n,) = struct.unpack("<Q", data[:8])
     if n > len(data) - 8:
-        raise CheckpointError("not a clipsr checkpoint: bad safetensors header")
+        raise NotACheckpointError("not a clipsr checkpoint: bad safetensors header")
     try:
         header = json.loads(data[8 : 8 + n])
         meta = json.loads(header["__metadata__"][METADATA_KEY])
     except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"not a clipsr checkpoint: no '{METADATA_KEY}' metadata ({e})") from None
+        raise NotACheckpointError(f"not a clipsr checkpoint: no '{METADATA_KEY}' metadata ({e})") from None
     if meta.get("format") != FORMAT or meta.get("format_version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"unsupported checkpoint format {meta.get('format')!r} v{meta.get('format_version')}"
