@@ -61,13 +61,16 @@ def _text(value: Any) -> str:
 
 def _statuses(report: dict[str, Any]) -> str:
     st = report["statuses"]
-    attempted = st["ok"] + st["failed"]
-    rate = f"{st['failed'] / attempted:.2%}" if attempted else "n/a"
+    not_done = st["failed"] + st.get("unsupported", 0)
+    attempted = st["ok"] + not_done
+    rate = f"{not_done / attempted:.2%}" if attempted else "n/a"
     tiles = [("rows", report["rows"], ""), ("ok", st["ok"], ""), ("failed", st["failed"], " bad" if st["failed"] else ""),
              ("skipped", st["skipped"], "")]
+    if st.get("unsupported"):
+        tiles.append(("unsupported", st["unsupported"], " bad"))
     html = "".join(f"<div class=\"tile{cls}\" id=\"status-{name}\"><b>{n}</b>{name}</div>" for name, n, cls in tiles)
-    return (f"<h2>Rows</h2><div class=\"tiles\">{html}<div class=\"tile\"><b>{rate}</b>failed / (ok + failed)</div>"
-            "</div>")
+    return (f"<h2>Rows</h2><div class=\"tiles\">{html}<div class=\"tile\"><b>{rate}</b>not done: (failed + "
+            "unsupported) / (ok + failed + unsupported)</div></div>")
 
 
 def _groups(groups: list[dict[str, Any]]) -> str:

@@ -220,7 +220,7 @@ def test_an_archive_of_many_formats_on_s3(ray_local, s3_bucket, tiny, capsys):
 
     code, summary = _enhance(capsys, *args)
     assert code == 2, summary  # 4 of 10 images not done: above the default 1%
-    assert ("11 listed, 6 ok, 2 failed, 1 skipped, 2 unsupported; failed or unsupported 4 of 10 (40.0%) > 1.0%"
+    assert ("11 listed, 6 ok, 2 failed, 1 skipped, 2 unsupported; failed or unsupported 4 of 10 attempted (40.0%) > 1.0%"
             in summary)
     rows = _manifest(s3_bucket, summary)
     assert set(rows) == set(objects)
@@ -239,6 +239,6 @@ def test_an_archive_of_many_formats_on_s3(ray_local, s3_bucket, tiny, capsys):
                        "pages.tif": f"{s3_bucket}/out/pages.tif", "photo.avif": f"{s3_bucket}/out/photo.png"}
     assert imaging.decode(storage.read_bytes(outputs["phone/IMG_0001.HEIC"])).pixels.shape == (32, 48, 3)
 
-    # The rerun skips what was done; what was not done is counted again, unsupported included.
-    code, summary = _enhance(capsys, *args, "--max-failed-fraction", "1")
-    assert code == 0 and "11 listed, 0 ok, 2 failed, 7 skipped, 2 unsupported" in summary
+    # The rerun skips what was done, and carries forward, unread and not counted again, what cannot be
+    code, summary = _enhance(capsys, *args)
+    assert code == 0 and "11 listed, 0 ok, 2 failed (4 carried forward), 7 skipped, 2 unsupported" in summary

@@ -129,7 +129,7 @@ def test_permanent_failures_are_carried_forward_unread_and_transient_ones_retrie
     assert "would process 1" in dry and "fail 1 (1 carried forward)" in dry
     code, summary = _enhance(capsys, *args)
     assert code == 0, summary  # 1 failed of 2 would be above the default 1%: exit 2
-    assert "2 listed, 1 ok, 1 failed (1 carried forward), 0 skipped; failed 0 of 1 attempted (0.0%)" in summary
+    assert "2 listed, 1 ok, 1 failed (1 carried forward), 0 skipped, 0 unsupported; failed or unsupported 0 of 1 attempted (0.0%)" in summary
     second = _rows(summary, manifests)
     assert second["good.png"]["status"] == "ok"
     carried = second["corrupt.png"]

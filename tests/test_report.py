@@ -86,7 +86,7 @@ def test_a_report_counts_groups_plots_and_crops_a_run(tmp_path):
     report = build_report(str(tmp_path / "_manifests"), samples=2, crop=16)
 
     assert report["run_id"] == RUN and report["manifest"] == run_uri
-    assert report["rows"] == 10 and report["statuses"] == {"ok": 5, "failed": 4, "skipped": 1}
+    assert report["rows"] == 10 and report["statuses"] == {"ok": 5, "failed": 4, "skipped": 1, "unsupported": 0}
     groups = {(g["domain"], g["model_version"]): (g["ok"], g["failed"], g["skipped"]) for g in report["groups"]}
     assert groups == {(None, None): (0, 0, 1), ("maps", "v2"): (2, 0, 0), ("photos", "v2"): (3, 0, 0),
                       ("photos", None): (0, 4, 0)}
@@ -210,7 +210,7 @@ def test_a_report_of_a_real_run_on_s3_embeds_everything_it_shows(ray_local, s3_b
     report = json.loads(storage.read_bytes(f"{s3_bucket}/reports/night.json"))
     page = storage.read_bytes(f"{s3_bucket}/reports/night.html").decode()
 
-    assert report["statuses"] == {"ok": 3, "failed": 1, "skipped": 0}
+    assert report["statuses"] == {"ok": 3, "failed": 1, "skipped": 0, "unsupported": 0}
     assert [(g["domain"], g["ok"], g["failed"]) for g in report["groups"]] == [("default", 3, 1)]
     [failure] = report["failures"]
     assert failure["count"] == 1 and failure["examples"] == [BAD_KEY]

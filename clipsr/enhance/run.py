@@ -150,14 +150,15 @@ def _dry_run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int
     models = ", ".join(f"{n} with {m}" for m, n in counts.models.most_common()) or "none"
     reasons = "; ".join(f"{n} {r}" for r, n in counts.reasons.most_common(5))
     summary = (f"clipsr enhance: dry run: {counts.listed} listed: would process {counts.to_process} ({models}), "
-               f"skip {counts.statuses['skipped']}, fail {counts.statuses['failed']}, "
-               f"unsupported {counts.statuses['unsupported']}{_carried(counts.carried)}"
+               f"skip {counts.statuses['skipped']}, fail {counts.statuses['failed']}{_carried(counts.carried)}, "
+               f"unsupported {counts.statuses['unsupported']}"
                + (f" [{reasons}]" if reasons else "") + "; nothing written (exit 0)")
     return RunResult(layout.run_id, EXIT_OK, summary, counts=Counter(counts.statuses, carried_forward=counts.carried),
                      listed=counts.listed, dry_run=True)
 
 
 def _carried(count: int) -> str:
+    """Rows carried forward unread from an earlier run (failed ones, and unsupported ones if any)."""
     return f" ({count} carried forward)" if count else ""
 
 
@@ -235,8 +236,8 @@ def _finish(opts: EnhanceOptions, layout: RunLayout, listed: int, totals: Counte
     code = EXIT_FAILED_ABOVE_THRESHOLD if above else EXIT_OK
     manifest_uri = layout.manifest_run() + "/"
     summary = (f"clipsr enhance: run {layout.run_id} finished: {listed} listed, {totals['ok']} ok, "
-               f"{totals['failed']} failed, {totals['skipped']} skipped, {totals['unsupported']} unsupported"
-               f"{_carried(totals['carried_forward'])}; failed or unsupported {failed} of {tried} attempted "
+               f"{totals['failed']} failed{_carried(totals['carried_forward'])}, {totals['skipped']} skipped, "
+               f"{totals['unsupported']} unsupported; failed or unsupported {failed} of {tried} attempted "
                f"({fraction:.1%}) {'>' if above else '<='} {opts.max_failed_fraction:.1%}; "
                f"manifest {manifest_uri} (exit {code})")
     kinds = ("ok", "failed", "skipped", "unsupported", "carried_forward")
