@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 #: Bytes per block: a few plan rows; every decoded or upscaled image is a block of its own.
 PLAN_BLOCK_BYTES = 1024
+#: Rows per decode task: a few, so small images do not pay a task each and large ones still
+#: decode side by side.
+DECODE_ROWS = 4
 #: Logical CPUs of one decode or write task, and of the light plan-reading task. Small: the tasks
 #: spend much of their time waiting on storage, and several must run beside each actor to keep it fed.
 TASK_CPUS, LIGHT_CPUS = 0.1, 0.05
@@ -138,7 +141,7 @@ def build_dataset(plan_parts: list[str], res: Resources, env: dict[str, str], ma
     # is done by the first actor before the others have loaded torch.
     ds.context.wait_for_min_actors_s = ACTOR_START_S
     ds = ds.map_batches(read_plan_parts, batch_size=1, batch_format="pyarrow", num_cpus=res.light_cpus, **remote)
-    ds = ds.map_batches(decode_batch, batch_size=1, batch_format="pyarrow", num_cpus=res.task_cpus,
+    ds = ds.map_batches(decode_batch, batch_size=DECODE_ROWS, batch_format="pyarrow", num_cpus=res.task_cpus,
                         fn_kwargs={"max_output_pixels": max_output_pixels, "max_input_bytes": max_input_bytes},
                         **remote)
     pool = ray.data.ActorPoolStrategy(min_size=res.min_actors, max_size=res.max_actors)
@@ -149,7 +152,10 @@ def build_dataset(plan_parts: list[str], res: Resources, env: dict[str, str], ma
                                "clip_weights": clip_weights, "threads": res.threads,
                                "image_timeout": image_timeout},
         **remote)
-    return ds.map_batches(write_batch, batch_size=1, batch_format="pyarrow", num_cpus=res.task_cpus, **remote)
+    # The write stage takes what one inference call produced: one task per image costs more than
+    # encoding a thumbnail.
+    return ds.map_batches(write_batch, batch_size=batch_size, batch_format="pyarrow", num_cpus=res.task_cpus,
+                          **remote)
 
 
 def execute(ds: ray.data.Dataset, writer: ManifestWriter, on_progress: Callable[[Counter], None]) -> Counter:

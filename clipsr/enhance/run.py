@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import TextIO
 
 from clipsr import storage
+from clipsr.progress import Progress
 from clipsr.ray_runtime import init_ray, worker_env
 from clipsr.enhance import index as idx
 from clipsr.enhance import owner, plan
@@ -49,8 +50,8 @@ from clipsr.enhance.routing import Router, build_router, resolve_model
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_INCOMPLETE, EXIT_FAILED_ABOVE_THRESHOLD = 0, 1, 2
-#: Seconds between progress lines (a line also comes when the last image is done).
-PROGRESS_EVERY_S = 5.0
+#: Seconds between progress lines in a log (a terminal's live line is redrawn as images finish).
+PROGRESS_EVERY_S = 10.0
 
 
 @dataclass
@@ -210,20 +211,15 @@ def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str]
                                     opts.batch_size, opts.max_input_bytes)
         writer = ManifestWriter(layout.run_id, layout.manifest_run(), fence=check_lock,
                                 every_s=opts.commit_every)
-        start = last = time.monotonic()
+        bar = Progress("clipsr enhance", total, stream=progress or sys.stderr, every_s=PROGRESS_EVERY_S)
 
         def report(done: Counter) -> None:
-            nonlocal last
             check_lock()  # a lost lock stops the pipeline here, within one block of rows
-            now = time.monotonic()
-            if now - last < PROGRESS_EVERY_S and done["rows"] < total:
-                return
-            last = now
-            rate = done["rows"] / max(now - start, 1e-9)
-            print(f"clipsr enhance: {done['rows']}/{total} processed (ok {done['ok']}, failed {done['failed']}), "
-                  f"{rate:.2f} images/s", file=progress or sys.stderr, flush=True)
+            bar.update(done["rows"], {"ok": done["ok"], "failed": done["failed"]})
 
-        return pipeline.execute(ds, writer, report)
+        totals = pipeline.execute(ds, writer, report)
+        bar.close()
+        return totals
     finally:
         if started_here:
             ray.shutdown()
