@@ -232,6 +232,8 @@ def test_the_pool_grows_with_the_cluster_and_leaves_every_node_room_for_io():
     assert (grow.min_actors, grow.max_actors) == (56, 200)  # pending actors ask an autoscaler for nodes
     fixed = plan_resources(nodes, actors=3, threads=4)
     assert (fixed.min_actors, fixed.max_actors, fixed.threads, fixed.actor_cpus) == (3, 3, 4, 4.0)
+    crowded = plan_resources([{"CPU": 2.0}], actors=3)  # more actors than a node holds: they share it
+    assert crowded.max_actors == 3 and 3 * crowded.actor_cpus <= 2.0 - crowded.task_cpus
 
 
 def test_gpu_clusters_get_one_actor_per_gpu_or_several_sharing_one():

@@ -112,6 +112,8 @@ def plan_resources(nodes: Iterable[Mapping[str, float]], device: str = "auto", a
             threads = threads or max(1, round(usable))
         else:
             actor_cpus, threads = float(per_thread), per_thread
+        if actors is not None:  # a fixed pool must fit too: share the usable CPUs if it asks for more
+            actor_cpus = min(actor_cpus, sum(c - io_reserve(c) for c in cpu_nodes) / actors)
         fits = sum(max(0, math.floor((c - io_reserve(c)) / actor_cpus + 1e-9)) for c in cpu_nodes)
         actor_gpus = 0.0
     fits = max(1, fits)
