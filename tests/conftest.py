@@ -163,3 +163,16 @@ def tiny_checkpoint(tmp_path):
     uri = str(tmp_path / "tiny-x2.safetensors")
     save_checkpoint(uri, create_model("cdasr-tiny", 2), "cdasr-tiny")
     return uri
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The same seeded cdasr-tiny x2 model for a whole test module, as (path, model id)."""
+    import torch
+
+    from clipsr.factory import create_model, save_checkpoint
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "tiny-x2.safetensors"
+    meta = save_checkpoint(str(path), create_model("cdasr-tiny", 2), "cdasr-tiny")
+    return str(path), meta["id"]

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
 from PIL import Image
 
 from clipsr import imaging, storage
@@ -23,19 +22,10 @@ from clipsr.enhance.infer import InferStage
 from clipsr.enhance.isolate import Isolated
 from clipsr.enhance.listing import classify_key, output_format
 from clipsr.enhance.write import write_batch
-from clipsr.factory import create_model, save_checkpoint
 from decoder_faults import DiesOn
 
 HEIC = (Path(__file__).parent / "data" / "two-halves-24x16.heic").read_bytes()
 RNG = np.random.default_rng(7)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny-x2.safetensors"
-    meta = save_checkpoint(str(path), create_model("cdasr-tiny", 2), "cdasr-tiny")
-    return str(path), meta["id"]
 
 
 def _save(array: np.ndarray, fmt: str, **kw) -> bytes:

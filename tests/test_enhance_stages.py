@@ -39,14 +39,6 @@ from clipsr.ray_runtime import worker_env
 RUN = "20261126T221500Z-abc123"
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "tiny-x2.safetensors"
-    meta = save_checkpoint(str(path), create_model("cdasr-tiny", 2), "cdasr-tiny")
-    return str(path), meta["id"]
-
-
 def _png(array, **kw) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(array).save(buf, format="PNG", **kw)
