@@ -311,7 +311,7 @@ def test_plain_finetuning_baseline_changes_every_weight_within_its_time(source):
 def test_adapt_command_line_validates_candidates():
     import argparse
 
-    from clipsr.cli import _scope_at_lr
+    from clipsr.commands._args import scope_at_lr as _scope_at_lr
 
     assert _scope_at_lr("all@3e-4") == ("all", 3e-4)
     for bad in ("all", "everything@1e-3", "all@-1", "all@x"):

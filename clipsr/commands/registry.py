@@ -1,7 +1,6 @@
 """``clipsr registry``: look at a model registry and move a domain's current version (rollback).
 
-Kept apart from :mod:`clipsr.cli` because it needs neither Ray nor torch: an operator can run it
-from any machine that can read the registry.
+It imports neither Ray nor torch: an operator can run it from any machine that can read the registry.
 """
 from __future__ import annotations
 

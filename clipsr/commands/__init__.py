@@ -1,0 +1,1 @@
+"""One module per ``clipsr`` subcommand; each exposes ``add_parser(subparsers)``."""

@@ -1,0 +1,80 @@
+"""``clipsr adapt``: few-shot adaptation of many domains in parallel into a registry."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from typing import Any
+
+from clipsr.adapt.settings import AdaptSettings
+from clipsr.commands._args import positive_int, scope_at_lr, usage_errors_exit_1
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "adapt",
+        help="adapt a source model to new domains from a few HR exemplars each, in parallel",
+        description="Few-shot adaptation; each domain becomes a new version in the registry at --out. "
+                    "Exit 0: every domain published; 2: some domain failed (see the report); 1: could not run.",
+    )
+    p.add_argument("--source-model", default="default", help="model spec to adapt (default: the bundled model)")
+    p.add_argument("--domain", action="append", default=[], metavar="NAME=DIR_OR_URI",
+                   help="a domain and its exemplar folder (the first --shots images in sorted order)")
+    p.add_argument("--spec", help="YAML/JSON domain specs (schemas/domain-spec.schema.json)")
+    p.add_argument("--shots", type=int, default=10, help="exemplars per domain for --domain (default 10)")
+    p.add_argument("--scale", type=int, help="must match the source model's scale")
+    p.add_argument("--out", required=True, help="model registry (folder or s3:// prefix)")
+    p.add_argument("--candidate", action="append", type=scope_at_lr, metavar="SCOPE@LR",
+                   help="a (scope, learning rate) to probe, e.g. adaptive+bias@2e-3 or all@3e-4 (repeat); "
+                        "the best on the held-out exemplars is trained on (default: all@2e-3)")
+    p.add_argument("--budget-seconds", type=float, default=270.0,
+                   help="time per domain, probing the candidates and training the best (default 270)")
+    p.add_argument("--patch-tries", type=positive_int, default=AdaptSettings.patch_tries,
+                   help="each training patch is the most textured of this many random positions")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=AdaptSettings.precision,
+                   help="training arithmetic (auto: bf16 on CPUs with AVX-512 BF16, else fp32)")
+    p.add_argument("--cpus-per-domain", type=float, default=2.0)
+    p.add_argument("--gpus-per-domain", type=float, default=0.0, help="> 0: each domain trains on a GPU")
+    p.add_argument("--routing-encoder", default="color-stats",
+                   help="encoder for domain centroids: color-stats (no semantic prior) or a CLIP arch")
+    p.add_argument("--routing-encoder-weights", help="weights file/URI for a CLIP routing encoder")
+    p.add_argument("--report", help="report path/URI without extension (default REGISTRY/_reports/<time>)")
+    p.add_argument("--seed", type=int, default=0)
+    usage_errors_exit_1(p)
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from clipsr import storage
+    from clipsr.adapt.run import adapt_many, format_report, write_report
+    from clipsr.adapt.settings import AdaptSettings
+    from clipsr.adapt.spec import DomainSpec, load_specs
+    from clipsr.provenance import utc_now
+    from clipsr.ray_runtime import init_ray
+
+    specs = [DomainSpec.shorthand(d, args.shots, args.scale) for d in args.domain]
+    if args.spec:
+        specs += load_specs(args.spec)
+    if not specs:
+        raise ValueError("give at least one --domain NAME=DIR or a --spec file")
+    settings = AdaptSettings(budget_seconds=args.budget_seconds, seed=args.seed, patch_tries=args.patch_tries,
+                             precision=args.precision)
+    if args.candidate:
+        settings = dataclasses.replace(settings, candidates=tuple(args.candidate))
+    encoder = {"arch": args.routing_encoder, "weights": args.routing_encoder_weights, "seed": 0}
+    out = storage.absolute(args.out)
+    init_ray()
+    print(f"adapting {len(specs)} domain(s) from {args.source_model} into {out}", file=sys.stderr, flush=True)
+
+    def done(row: dict[str, Any]) -> None:
+        what = f"v{row['version']} gain {row['gain_db']:+.3f} dB" if row["status"] == "ok" else row["error"]
+        print(f"[{row['domain']}] {row['status']}: {what} ({row['seconds']:.0f}s)", file=sys.stderr, flush=True)
+
+    rows = adapt_many(specs, args.source_model, settings, out, encoder,
+                      cpus_per_domain=args.cpus_per_domain, gpus_per_domain=args.gpus_per_domain, on_done=done)
+    base = args.report or storage.join(out, f"_reports/{utc_now().replace(':', '')}")
+    json_uri, _ = write_report(rows, base)
+    print(format_report(rows))
+    failed = sum(r["status"] != "ok" for r in rows)
+    print(f"adapt: {len(rows) - failed} ok, {failed} failed; report {json_uri}")
+    return 2 if failed else 0
