@@ -5,6 +5,10 @@ HR: modcrop to the scale. LR: MATLAB bicubic downscale, rounded to 8 bit. Scores
 greyscale image is scored on its one channel. Folders are read in sorted order (byte order of file
 names, image extensions only, hidden files ignored), and ``skip_first`` leaves out the first K, the
 few-shot exemplars, so evaluation never sees them.
+
+``jpeg`` (``clipsr evaluate --jpeg Q``) adds one archive degradation after the protocol's LR: the
+LR is saved as a JPEG at quality Q and decoded again before it is upscaled. Without it nothing
+changes, so published-protocol figures stay comparable.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import numpy as np
 
 from clipsr import imaging, storage
 from clipsr.degrade import make_lr, modcrop
+from clipsr.degradations import jpeg_roundtrip
 from clipsr.inference import Upscaler
 from clipsr.metrics import psnr, ssim
 from clipsr.provenance import code_revision, utc_now
@@ -41,12 +46,22 @@ def select_images(uri: str, skip_first: int) -> list[str]:
     return images[skip_first:]
 
 
-def score_image(upscaler: Upscaler, hr: np.ndarray, scale: int) -> dict[str, float]:
+def degraded_lr(hr: np.ndarray, scale: int, jpeg: int | None = None) -> np.ndarray:
+    """The protocol's LR of a modcropped uint8 HR, then saved as a JPEG at quality ``jpeg`` if given."""
+    lr = make_lr(hr, scale)
+    if jpeg is None:
+        return lr
+    if lr.shape[2] == 1:
+        return jpeg_roundtrip(lr[..., 0], jpeg)[..., None]
+    return jpeg_roundtrip(lr, jpeg)
+
+
+def score_image(upscaler: Upscaler, hr: np.ndarray, scale: int, jpeg: int | None = None) -> dict[str, float]:
     """Degrade one uint8 HR image, upscale it, and score the result against the HR."""
     hr = modcrop(hr, scale)
     if min(hr.shape[:2]) // scale <= 2:
         raise ValueError(f"image of {hr.shape[1]}x{hr.shape[0]} is too small to evaluate at x{scale}")
-    lr = make_lr(hr, scale)
+    lr = degraded_lr(hr, scale, jpeg)
     sr = imaging.to_uint8(upscaler.upscale(lr.astype(np.float32) / 255.0))
     if sr.shape != hr.shape:
         raise RuntimeError(f"upscaler returned {sr.shape}, expected {hr.shape}")
@@ -66,8 +81,11 @@ def evaluate(
     datasets: dict[str, str],
     skip_first: int = 0,
     on_image: Callable[[dict[str, Any]], None] | None = None,
+    jpeg: int | None = None,
 ) -> dict[str, Any]:
     """Score ``upscaler`` on each named folder; unreadable images become rows with an error."""
+    if jpeg is not None and not 1 <= jpeg <= 100:
+        raise ValueError(f"--jpeg takes a quality in 1..100, got {jpeg}")
     scale = upscaler.scale
     selected = {name: select_images(uri, skip_first) for name, uri in datasets.items()}
     rows: list[dict[str, Any]] = []
@@ -80,7 +98,7 @@ def evaluate(
             try:
                 hr = imaging.load_rgb_or_grey_uint8(storage.read_bytes(uri))
                 row.update(height=hr.shape[0], width=hr.shape[1], channels=hr.shape[2])
-                scores = score_image(upscaler, hr, scale)
+                scores = score_image(upscaler, hr, scale, jpeg)
                 # an exact reconstruction has infinite PSNR: JSON has no infinity, so the row says
                 # so explicitly and the PSNR means leave it out (counted in ``exact``)
                 row.update({k: (v if math.isfinite(v) else None) for k, v in scores.items()})
@@ -101,11 +119,15 @@ def evaluate(
             "psnr_rgb": _mean([r["psnr_rgb"] for r in ok if r["psnr_rgb"] is not None]),
             "uri": datasets[name],
         }
+    protocol = dict(PROTOCOL)
+    if jpeg is not None:
+        protocol["lr"] += f", then saved as JPEG at quality {jpeg} (libjpeg via PIL, 4:2:0) and decoded"
     return {
         "model": upscaler.describe(),
         "scale": scale,
         "skip_first": skip_first,
-        "protocol": PROTOCOL,
+        **({} if jpeg is None else {"jpeg": jpeg}),
+        "protocol": protocol,
         "datasets": summary,
         "images": rows,
         "created": utc_now(),
@@ -118,7 +140,8 @@ def format_table(report: dict[str, Any]) -> str:
     def f(v: float | None, fmt: str) -> str:
         return "-" if v is None else format(v, fmt)
 
-    lines = [f"model {report['model']['id']}  x{report['scale']}  params {report['model']['params']:,}",
+    lr = "" if report.get("jpeg") is None else f"  LR as JPEG q={report['jpeg']}"
+    lines = [f"model {report['model']['id']}  x{report['scale']}  params {report['model']['params']:,}{lr}",
              f"{'dataset':<16}{'images':>7}{'failed':>7}{'Y-PSNR':>9}{'Y-SSIM':>9}{'RGB-PSNR':>10}"]
     for name, d in report["datasets"].items():
         lines.append(

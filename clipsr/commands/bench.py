@@ -38,6 +38,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--runs", type=positive_int, default=10, help="timed runs per figure")
     add_out(q, "docs/bench/gpu.json")
     q.set_defaults(func=_run_bench_gpu)
+    q = benches.add_parser("jpeg", help="JPEG quality read from headers, and the blind estimate's blockiness per quality")
+    q.add_argument("--data", action="append", required=True, metavar="DIR", help="HR image folder (repeat)")
+    q.add_argument("--scale", type=int, default=4)
+    add_out(q, "docs/bench/jpeg.json")
+    q.set_defaults(func=_run_bench_jpeg)
     q = benches.add_parser("curve", help="plot a pretraining run's loss and validation PSNR from its log")
     q.add_argument("--log", required=True, help="the log of a `clipsr pretrain` run")
     q.add_argument("--out", required=True, help="PNG to write")
@@ -126,6 +131,20 @@ def _run_bench_gpu(args: argparse.Namespace) -> int:
     print(json.dumps({k: result[k] for k in ("agreement", "forward_speed", "whole_image_speed", "adaptation_steps")},
                      indent=1))
     print(f"{result['environment']['gpu']}, torch {result['environment']['torch']}; results: {args.out}")
+    return 0
+
+
+def _run_bench_jpeg(args: argparse.Namespace) -> int:
+    from clipsr import storage
+    from clipsr.bench import jpeg
+
+    result = jpeg.run([storage.absolute(d) for d in args.data], args.scale)
+    write_json(args.out, result)
+    print(f"{result['images']} images: quality read exactly from {result['header_exact_fraction']:.1%} of headers")
+    for q, b in result["blockiness"].items():
+        print(f"  q={q:>3}: blockiness p10 {b['p10']:.3f} median {b['median']:.3f} p90 {b['p90']:.3f}; "
+              f"blind estimate finds a grid in {result['blind_detected_fraction'][q]:.0%}")
+    print(f"results: {args.out}")
     return 0
 
 

@@ -23,7 +23,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="leave out the first K images of each folder in sorted order (few-shot exemplars)")
     p.add_argument("--report", required=True, help="where to write the JSON report (path or URI)")
     p.add_argument("--clip-weights", default=None, help="CLIP weights file/URI, for models trained with one")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--jpeg", type=int, metavar="Q",
+                   help="save each protocol LR as a JPEG at quality Q (1-100) before upscaling, as archives "
+                        "store images; bicubic is scored on the same input")
     p.add_argument("--tile", type=int, default=256, help="LR tile size for inference (memory bound)")
     p.set_defaults(func=_run)
 
@@ -46,7 +49,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"[{row['dataset']}] {row['index'] + 1:>4} {name}: {result} ({row['seconds']:.2f}s)",
               file=sys.stderr, flush=True)
 
-    report = evaluate(upscaler, datasets, skip_first=args.skip_first, on_image=progress)
+    report = evaluate(upscaler, datasets, skip_first=args.skip_first, on_image=progress, jpeg=args.jpeg)
     storage.write_bytes_atomic(args.report, json.dumps(report, indent=2).encode())
     print(format_table(report))
     failed = sum(d["failed"] for d in report["datasets"].values())

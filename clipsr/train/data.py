@@ -1,7 +1,8 @@
 """Training data: HR images listed from URIs, sharded across workers, sampled as LR/HR patch pairs.
 
 LR patches are made on the fly with the evaluation protocol's degradation (MATLAB bicubic,
-rounded to 8 bit), so the model trains on exactly the input distribution it is scored on.
+rounded to 8 bit), so the model trains on exactly the input distribution it is scored on; a
+configured archive degradation (``data.degradation``: JPEG, noise) can follow it.
 Each worker keeps its shard of decoded HR images in memory: pretraining sets are thousands of
 images, not the archive's millions.
 """
@@ -15,6 +16,7 @@ import torch
 
 from clipsr import imaging, storage
 from clipsr.degrade import make_lr_float
+from clipsr.degradations import Degradation
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +74,13 @@ def augment(patches: tuple[np.ndarray, ...], rng: np.random.Generator) -> tuple[
 class PatchSampler:
     """Batches of (LR, HR, image index) patches from a list of HR images."""
 
-    def __init__(self, images: list[TrainImage], scale: int, lr_patch: int, seed: int) -> None:
+    def __init__(self, images: list[TrainImage], scale: int, lr_patch: int, seed: int,
+                 degradation: Degradation | None = None) -> None:
         self.images = images
         self.scale = scale
         self.lr_patch = lr_patch
         self.rng = np.random.default_rng(seed)
+        self.degradation = None if degradation is None or degradation.is_clean else degradation
 
     def _patch(self, img: TrainImage) -> tuple[np.ndarray, np.ndarray]:
         hp = self.lr_patch * self.scale
@@ -84,7 +88,11 @@ class PatchSampler:
         y, x = int(self.rng.integers(h - hp + 1)), int(self.rng.integers(w - hp + 1))
         (hr,) = augment((img.pixels[y : y + hp, x : x + hp],), self.rng)
         hr = hr.astype(np.float32) / 255.0
-        return make_lr_float(hr, self.scale), hr
+        lr = make_lr_float(hr, self.scale)
+        if self.degradation is not None:
+            lr8 = self.degradation.apply(np.round(lr * 255.0).astype(np.uint8), self.rng)
+            lr = lr8.astype(np.float32) / 255.0
+        return lr, hr
 
     def sample(self, batch: int, pool: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """A batch from all images, or only from the image indices in ``pool`` (one pseudo-domain)."""

@@ -23,6 +23,7 @@ from clipsr.evaluate import score_image
 from clipsr.factory import create_model, load_checkpoint
 from clipsr.inference import NetworkUpscaler
 from clipsr.losses import CompositeLoss, LossWeights, PerceptualLoss
+from clipsr.degradations import Degradation
 from clipsr.train.data import PatchSampler, list_training_images, load_shard
 from clipsr.train.ema import ModelEMA
 from clipsr.train.embeddings import read_embeddings
@@ -102,7 +103,8 @@ def train_loop_per_worker(s: dict[str, Any]) -> None:
 
     items = list_training_images(s["data"]["train"])
     images = load_shard(items, rank, world, lr_patch * scale, s["data"]["max_pixels"])
-    sampler = PatchSampler(images, scale, lr_patch, seed=s["seed"] * 1000003 + rank * 7919 + step)
+    sampler = PatchSampler(images, scale, lr_patch, seed=s["seed"] * 1000003 + rank * 7919 + step,
+                           degradation=Degradation.from_dict(s["data"].get("degradation")))
     emb_table, labels, encoder = read_embeddings(s, [img.uri for img in images])
     pools = _domain_pools(images, labels)
 
