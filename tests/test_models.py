@@ -66,7 +66,7 @@ def test_folded_model_is_equivalent_and_smaller(arch):
 
 
 def test_lightweight_model_is_in_its_parameter_budget():
-    for scale in (2, 3, 4):
+    for scale in SCALES:  # x16 too: its upsampler goes through a narrow stage to stay in budget
         n = count_parameters(create_model("cdasr-lite", scale).folded())
         assert 100_000 <= n <= 500_000, (scale, n)
 

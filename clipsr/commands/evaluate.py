@@ -16,7 +16,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description="Y-PSNR/Y-SSIM/RGB-PSNR under the project's evaluation protocol.",
     )
     p.add_argument("--model", required=True, help="bicubic, default, default-x2, or a checkpoint path/URI")
-    p.add_argument("--scale", type=int, required=True, help="upscaling factor (2, 3, 4 or 8)")
+    p.add_argument("--scale", type=int, required=True, help="upscaling factor (2, 3, 4, 8 or 16)")
     p.add_argument("--data", type=name_eq_uri, action="append", required=True, metavar="NAME=DIR",
                    help="a named folder or prefix of HR images; repeat for several")
     p.add_argument("--skip-first", type=int, default=0, metavar="K",
