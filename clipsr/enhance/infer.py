@@ -101,6 +101,7 @@ class InferStage:
         up = self.upscaler(spec, int(row["scale"]), row["strength"])
         if auto:  # the row records the model that ran; the index compares it with the next run's route
             row["model_id"] = up.describe()["id"]
+            row["strength"] = getattr(up, "meta", {}).get("strength")
             R.add_note(row, f"routed to {row['model_id']}")
         elif up.describe()["id"] != row["model_id"]:
             R.fail(row, f"model {row['model_spec']} is now {up.describe()['id']}, not the {row['model_id']} "
