@@ -9,9 +9,9 @@ input, as it always was.
 
 The resize filter: Lanczos when enlarging; area averaging (Pillow's box filter, which averages
 exactly the source pixels each output pixel covers) when shrinking, where Lanczos rings and plain
-interpolation aliases. Real-ESRGAN uses OpenCV's Lanczos both ways. Samples are resized in single
-precision and rounded once (Pillow's 8-bit path rounds after each direction), so 16-bit samples
-keep their 16 bits and 8-bit ones are off by no more than rounding.
+interpolation aliases. Real-ESRGAN uses OpenCV's Lanczos both ways. 8-bit samples go through
+Pillow's 8-bit path, which rounds after each direction (at most 1 level from exact); 16-bit
+samples are resized in single precision, so they keep their 16 bits.
 
 The pixel limit (``--max-output-pixels``) and the decoder's memory must hold the larger of the
 model's own output and the resized one: :func:`limit_factor`.
@@ -65,6 +65,10 @@ def resize(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return values
     shrinking = h * w < values.shape[0] * values.shape[1]
     resample = Image.Resampling.BOX if shrinking else Image.Resampling.LANCZOS
+    if values.dtype == np.uint8:  # Pillow's 8-bit path: RGB or grey at once, 3 to 4 times the float path's speed
+        image = Image.fromarray(values if values.shape[2] == 3 else np.ascontiguousarray(values[..., 0]))
+        out8 = np.asarray(image.resize((w, h), resample))
+        return out8 if out8.ndim == 3 else out8[..., None]
     top = float(np.iinfo(values.dtype).max)
     out = []
     for c in range(values.shape[2]):
