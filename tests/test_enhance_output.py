@@ -144,14 +144,16 @@ def test_strength_of_a_registry_domain_on_s3_and_reruns_after_a_change(ray_local
     adapted_id, ref = _publish_delta(registry, source)
     storage.delete(source)  # the registry's own copy of the source is what the delta is applied onto
     out = f"{s3_bucket}/out"
-    # an x4 model with --scale 2: what the user wants is said by --outscale
+    # an x4 model with --scale 2: what the user wants is said by --outscale. PNG outputs, to compare
+    # them with the model's own output sample for sample
     argv = ["--input", f"{s3_bucket}/in", "--output", out, "--models", registry, "--domain", "photos",
-            "--scale", "2", "--outscale", "2"]
+            "--scale", "2", "--outscale", "2", "--format", "png"]
+    outputs = {key: f"{out}/{key.rsplit('.', 1)[0]}.png" for key in INPUTS}
     code, summary = _enhance(capsys, *argv)
     assert code == 0 and "2 ok" in summary, summary
     rows = _rows(out, summary)
     assert {(r["model_id"], r["strength"], r["outscale"]) for r in rows.values()} == {(adapted_id, 1.0, 2.0)}
-    full = {key: _pixels(storage.read_bytes(f"{out}/{key}")) for key in INPUTS}
+    full = {key: _pixels(storage.read_bytes(outputs[key])) for key in INPUTS}
 
     code, summary = _enhance(capsys, *argv, "--strength", "0.5")
     assert code == 0 and "2 ok" in summary and "0 skipped" in summary, summary  # a new strength: redone
@@ -160,7 +162,7 @@ def test_strength_of_a_registry_domain_on_s3_and_reruns_after_a_change(ray_local
     half_up = load_upscaler(ref, strength=0.5, precision="fp32")
     source_up = load_upscaler(x4, precision="fp32")
     for key, data in INPUTS.items():
-        half = _pixels(storage.read_bytes(f"{out}/{key}"))
+        half = _pixels(storage.read_bytes(outputs[key]))
         lr = imaging.decode(data).pixels
         h, w = lr.shape[:2]
         assert half.shape[:2] == (2 * h, 2 * w)
