@@ -89,7 +89,8 @@ def test_merge_takes_only_ok_rows_and_permanent_failures_of_a_runs_manifest(tmp_
     db = _db()
     assert idx.merge_run(db, run_uri) == 1
     assert db.execute("SELECT * FROM idx").fetchall() == [
-        ("a.png", 10, "e", 1_700_000_000_000, "m1", None, "default", 4, "s3://out/a.png", 99, NEW, None, None, None, None, "ok", None)]
+        ("a.png", 10, "e", 1_700_000_000_000, "m1", None, "default", 4, "s3://out/a.png", 99, NEW, None, None, None,
+         None, "ok", None)]
     assert idx.merge_run(db, str(tmp_path / "run=missing")) == 0
 
 
@@ -195,4 +196,5 @@ def test_a_version_1_index_is_read_as_ok_rows(tmp_path):
     assert db.execute("SELECT key, status, error, run_id FROM idx").fetchall() == [("a.png", "ok", None, OLD)]
     store.begin(NEW, "m")
     store.commit(db, NEW, merged=[NEW])
-    assert store.read_meta().rows == 1 and f'"version": {idx.INDEX_VERSION}'.encode() in (tmp_path / "index.json").read_bytes()
+    written = (tmp_path / "index.json").read_bytes()
+    assert store.read_meta().rows == 1 and f'"version": {idx.INDEX_VERSION}'.encode() in written

@@ -216,3 +216,56 @@ def test_evaluate_scores_an_adapted_model_at_a_strength(adapted, tmp_path, capsy
     assert main(["evaluate", "--model", source, "--scale", "4", "--data", f"hr={folder}", "--report", str(report)]) == 0
     assert json.loads(report.read_text())["datasets"]["hr"]["psnr_y"] == psnr["0"] != psnr["1"]
     capsys.readouterr()
+
+
+class _Sink:
+    def __init__(self) -> None:
+        self.processed: list[dict] = []
+        self.recorded: list[dict] = []
+
+    def process(self, row: dict) -> None:
+        self.processed.append(row)
+
+    def record(self, row: dict) -> None:
+        self.recorded.append(row)
+
+
+def test_the_planner_redoes_the_outputs_whose_settings_or_strength_changed():
+    import sqlite3
+
+    from clipsr import storage
+    from clipsr.enhance import index as idx
+    from clipsr.enhance import plan
+    from clipsr.enhance.layout import RunLayout
+    from clipsr.enhance.routing import SingleModelRouter
+
+    adapted = ModelRef(spec="/models/delta.safetensors", id="cdasr-tiny-x4-aaaaaaaaaaaa", scale=4, adapted=True)
+    before = "20261101T000000Z-000000"
+    # (key, recorded outscale, max long edge, quality): what an earlier run wrote at the defaults and 2x
+    recorded = [("a.png", 2.0, None, None), ("b.jpg", 2.0, None, 95), ("c.webp", 2.0, None, None),
+                ("d.jpg", 2.0, None, 95)]
+
+    def decide(settings: OutputSettings, model: ModelRef) -> dict[str, str]:
+        db = sqlite3.connect(":memory:")
+        plan.create_tables(db)
+        idx.create_table(db)
+        idx.upsert(db, [(key, 10, "e1", 0, adapted.id, None, "default", 4, f"s3://out/{key}", 99, before, None,
+                         outscale, edge, quality, "ok", None) for key, outscale, edge, quality in recorded])
+        keys = [key for key, *_ in recorded]
+        plan.load_outputs(db, [storage.ObjectInfo(f"s3://out/{k}", k, 99, "o", None) for k in keys])
+        plan.load_listing(db, [storage.ObjectInfo(f"s3://in/{k}", k, 10, "e1", None) for k in keys], None)
+        sink = _Sink()
+        plan.decide(db, RunLayout.create("s3://in", "s3://out", None, "20261126T221500Z-abc123"),
+                    SingleModelRouter(model), 4, None, sink, settings=settings)
+        assert all(row["outscale"] == settings.outscale for row in sink.processed + sink.recorded)
+        return {**{r["input_key"]: "skipped" for r in sink.recorded}, **{r["input_key"]: "planned" for r in sink.processed}}
+
+    assert set(decide(OutputSettings(outscale=2.0), adapted).values()) == {"skipped"}
+    assert set(decide(OutputSettings(outscale=3.0), adapted).values()) == {"planned"}
+    assert set(decide(OutputSettings(outscale=2.0, max_long_edge=64), adapted).values()) == {"planned"}
+    # a new quality redoes the lossy outputs only; a lossless WebP (null quality) stays
+    assert decide(OutputSettings(outscale=2.0, quality=80), adapted) == {
+        "a.png": "skipped", "b.jpg": "planned", "c.webp": "skipped", "d.jpg": "planned"}
+    # a strength below 1 is another model
+    assert set(decide(OutputSettings(outscale=2.0), at_strength(adapted, 0.5)).values()) == {"planned"}
+    assert set(decide(OutputSettings(outscale=2.0), at_strength(adapted, 1.0)).values()) == {"skipped"}

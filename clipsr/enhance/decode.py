@@ -25,9 +25,9 @@ import pyarrow as pa
 
 from clipsr import imaging, storage
 from clipsr.enhance import rows as R
+from clipsr.enhance.encoder import lossless_input
 from clipsr.enhance.isolate import ChildDied, Isolated
 from clipsr.enhance.options import DEFAULT_MAX_INPUT_BYTES
-from clipsr.enhance.encoder import lossless_input
 from clipsr.enhance.quality import bicubic_sharpness
 from clipsr.enhance.resize import limit_factor, output_size
 
