@@ -4,6 +4,7 @@ local folder; --strength of a registry domain on S3 (moto), where the delta's so
 hash in the registry; a spandrel model of another scale than asked for, on S3."""
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 from pathlib import Path
@@ -109,6 +110,16 @@ def test_outscale_max_long_edge_quality_and_lossless_webp_on_a_folder(ray_local,
     again = storage.read_bytes(f"{out}/photos/coffee.jpg")
     assert again != jpeg and len(again) < len(jpeg)
     assert storage.read_bytes(f"{out}/photos/astronaut.png") == png
+
+    # the run report crops the same region of resized outputs and of their bicubic reference
+    from clipsr.report import build_report
+
+    samples = build_report(f"{out}/_manifests", samples=4, crop=32)["samples"]
+    assert len(samples) == 2 and not any("error" in s for s in samples)  # the first run's two rewritten outputs
+    for s in samples:
+        bicubic, enhanced = (Image.open(io.BytesIO(base64.b64decode(s[name])))
+                             for name in ("bicubic_png", "enhanced_png"))
+        assert bicubic.size == enhanced.size == tuple(s["size"]) and min(s["size"]) >= 8
 
 
 def _publish_delta(registry: str, source: str) -> tuple[str, str]:
