@@ -31,7 +31,9 @@ from clipsr import storage
 from clipsr.inference import BicubicUpscaler, NetworkUpscaler, Upscaler
 from clipsr.models import CDASR, external
 from clipsr.config import validate
+from clipsr.digest import tensors_sha256
 from clipsr.models.checkpoint import CheckpointError, NotACheckpointError, from_bytes, pack, read_metadata, to_bytes
+from clipsr.models.strength import check_strength, interpolate, strength_id
 from clipsr.models.upsampler import SCALES
 from clipsr.provenance import code_revision, utc_now
 
@@ -118,10 +120,46 @@ def checkpoint_uri(spec: str) -> str:
     return _locate(spec)[0]
 
 
-def load_checkpoint(spec: str) -> tuple[Network, dict[str, Any]]:
-    """The network and metadata a model spec names (deltas applied onto their verified parent)."""
+def load_checkpoint(spec: str, strength: float | None = None) -> tuple[Network, dict[str, Any]]:
+    """The network and metadata a model spec names (deltas applied onto their verified parent);
+    with ``strength``, an adapted model's weights moved that far from its source's
+    (:mod:`clipsr.models.strength`)."""
     model, meta, _ = load_checkpoint_files(spec)
+    if strength is not None:
+        model, meta = _at_strength(spec, model, meta, strength)
     return model, meta
+
+
+def _weights(model: Network) -> dict[str, Any]:
+    """The tensors a model's id hashes."""
+    return model.weights() if isinstance(model, external.SpandrelNetwork) else model.state_dict()
+
+
+def _at_strength(spec: str, model: Network, meta: dict[str, Any], strength: float) -> tuple[Network, dict[str, Any]]:
+    """An adapted model toned down towards its source; the metadata records the strength. A model
+    without a source (not adapted) is refused below strength 1."""
+    strength = check_strength(strength)
+    if meta.get("parent") is None:
+        if strength != 1.0:
+            raise CheckpointError(f"model {meta['id']} has no source model to interpolate from: --strength "
+                                  "below 1 applies to adapted models (a registry domain, or a checkpoint "
+                                  "written by clipsr adapt)")
+        return model, meta
+    meta = {**meta, "strength": strength}
+    if strength == 1.0:
+        return model, meta
+    source, smeta, _, where = _load_parent(meta, _locate(spec)[1])
+    if smeta["weights_sha256"] != meta["parent"]["weights_sha256"]:
+        raise CheckpointError(f"{meta['id']} was adapted from {meta['parent']['id']}, but {where!r} now holds "
+                              f"{smeta['id']}; pass the original source model")
+    try:
+        toned = interpolate(source.state_dict(), model.state_dict(), strength)
+    except ValueError as e:
+        raise CheckpointError(f"{meta['id']} cannot be interpolated with its source {smeta['id']}: {e}") from None
+    model.load_state_dict(toned)
+    meta["id"] = strength_id(meta["id"], strength)
+    meta["weights_sha256"] = tensors_sha256(_weights(model))
+    return model.eval(), meta
 
 
 def load_checkpoint_files(spec: str) -> tuple[Network, dict[str, Any], list[bytes]]:
@@ -292,13 +330,18 @@ def load_upscaler(
     device: str = "cpu",
     precision: str = "fp32",
     tile: int = 256,
+    strength: float | None = None,
 ) -> Upscaler:
-    """Resolve a model spec to a ready upscaler; ``scale`` must agree with the checkpoint's."""
+    """Resolve a model spec to a ready upscaler; ``scale`` must agree with the checkpoint's, and
+    ``strength`` (an adapted model's, see :func:`load_checkpoint`) is refused below 1 for bicubic."""
     if spec == "bicubic":
         if scale not in SCALES:  # else every image fails on its own (x0) or scores trivially (x1)
             raise ValueError(f"model 'bicubic' needs a scale of {', '.join(f'x{s}' for s in SCALES)}; got {scale}")
+        if strength is not None and check_strength(strength) != 1.0:
+            raise ValueError("model 'bicubic' has no source model to interpolate from; --strength applies to "
+                             "adapted models")
         return BicubicUpscaler(scale)
-    model, meta = load_checkpoint(spec)
+    model, meta = load_checkpoint(spec, strength)
     if scale is not None and scale != meta["scale"]:
         raise CheckpointError(f"model {meta['id']} is a x{meta['scale']} model, but x{scale} was asked for")
     encoder = load_encoder_for(meta, clip_weights)

@@ -793,8 +793,12 @@ def _finish(values: np.ndarray, bit_depth: int, fmt: str, mode: str, icc: bytes 
 
 
 def encode(pixels: np.ndarray, alpha: np.ndarray | None, format: str, bit_depth: int = 8,
-           icc_profile: bytes | None = None, exif: bytes | None = None, quality: int = 95) -> bytes:
+           icc_profile: bytes | None = None, exif: bytes | None = None, quality: int = 95,
+           lossless: bool = False) -> bytes:
     """Encode float [0, 1] pixels (HxWxC, C 1 or 3) and optional alpha (HxW) to image bytes.
+
+    ``quality`` applies to JPEG and lossy WEBP; ``lossless`` makes a WEBP lossless (every 8-bit
+    sample as given, colour under transparent pixels too).
 
     Values outside [0, 1] saturate. bit_depth 16 is written for PNG and TIFF and silently becomes 8
     for the 8-bit-only formats. JPEG and BMP composite alpha onto white. ICC and EXIF are kept where the
@@ -814,7 +818,7 @@ def encode(pixels: np.ndarray, alpha: np.ndarray | None, format: str, bit_depth:
     if bit_depth == 16:
         values = to_uint16(stacked)
         return _png16(values, icc_profile, exif) if fmt == "PNG" else _tiff16(values, icc_profile, exif)
-    return _pillow_encode(to_uint8(stacked), fmt, icc_profile, exif, quality)
+    return _pillow_encode(to_uint8(stacked), fmt, icc_profile, exif, quality, lossless)
 
 
 def _check_arrays(pixels: np.ndarray, alpha: np.ndarray | None) -> None:
@@ -835,7 +839,7 @@ def _check_arrays(pixels: np.ndarray, alpha: np.ndarray | None) -> None:
 
 
 def _pillow_encode(values: np.ndarray, fmt: str, icc: bytes | None, exif: bytes | None,
-                   quality: int) -> bytes:
+                   quality: int, lossless: bool = False) -> bytes:
     im = Image.fromarray(values[..., 0] if values.shape[2] == 1 else values)
     if fmt == "WEBP" and im.mode == "LA":  # WEBP has no grey+alpha
         im = im.convert("RGBA")
@@ -844,7 +848,7 @@ def _pillow_encode(values: np.ndarray, fmt: str, icc: bytes | None, exif: bytes 
         # 4:4:4: chroma subsampling would halve the colour resolution the model just restored.
         options = {"quality": quality, "subsampling": 0}
     elif fmt == "WEBP":
-        options = {"quality": quality}
+        options = {"lossless": True, "exact": True} if lossless else {"quality": quality}
     elif fmt == "TIFF":
         options = {"compression": "tiff_adobe_deflate"}
     if fmt != "BMP":

@@ -38,8 +38,8 @@ FIGURES = (
     ("route_similarity", "Routing similarity", "--route auto: cosine to the chosen domain's centroid"),
     ("infer_s", "Inference seconds per image", "time in the network, tiling included"),
 )
-COLUMNS = ["status", "error", "input_key", "input_uri", "output_uri", "input_sha256", "scale", "domain",
-           "model_id", "model_version", *(column for column, _, _ in FIGURES)]
+COLUMNS = ["status", "error", "input_key", "input_uri", "output_uri", "input_sha256", "scale", "output_width",
+           "output_height", "domain", "model_id", "model_version", *(column for column, _, _ in FIGURES)]
 EXAMPLES_PER_REASON = 3
 _MARGIN = 3  # LR pixels around a crop: the bicubic kernel reaches 2, so the crop's upscale is exact
 
@@ -187,20 +187,24 @@ def _sample(row: dict[str, Any], crop: int) -> dict[str, Any]:
 
 
 def crops(row: dict[str, Any], crop: int) -> dict[str, Any]:
-    """The same region of a bicubic upscale of the input and of the output, as base64 PNGs, and
-    where it lies in the input (``box``: x, y, width, height in input pixels)."""
+    """The same region of a bicubic upscale of the input and of the output, as base64 PNGs, where
+    it lies in the input (``box``: x, y, width, height in input pixels) and the crops' ``size``
+    (width, height). The output is ``scale`` times the input, or the size the row records
+    (--outscale, --max-long-edge)."""
     data = storage.read_bytes(row["input_uri"])
     if storage.content_hash(data) != row["input_sha256"]:
         raise ValueError("the input changed since the run")
     lr = imaging.decode(data).pixels
     sr = imaging.decode(storage.read_bytes(row["output_uri"])).pixels
-    s = row["scale"]
     h, w = lr.shape[:2]
-    if sr.shape[:2] != (h * s, w * s):
-        raise ValueError(f"the output is {sr.shape[1]}x{sr.shape[0]}, not {w * s}x{h * s}: replaced since the run?")
-    y, x, ch, cw = busiest_window(lr, math.ceil(crop / s))
-    enhanced = sr[y * s:(y + ch) * s, x * s:(x + cw) * s]
-    return {"box": [x, y, cw, ch], "bicubic_png": _png(bicubic_crop(lr, y, x, ch, cw, s)), "enhanced_png": _png(enhanced)}
+    want = (row.get("output_height") or h * row["scale"], row.get("output_width") or w * row["scale"])
+    if sr.shape[:2] != want:
+        raise ValueError(f"the output is {sr.shape[1]}x{sr.shape[0]}, not {want[1]}x{want[0]}: replaced since the run?")
+    fy, fx = want[0] / h, want[1] / w
+    y, x, ch, cw = busiest_window(lr, math.ceil(crop / max(fy, fx)))
+    enhanced = sr[round(y * fy):round((y + ch) * fy), round(x * fx):round((x + cw) * fx)]
+    return {"box": [x, y, cw, ch], "size": [enhanced.shape[1], enhanced.shape[0]],
+            "bicubic_png": _png(bicubic_crop(lr, y, x, ch, cw, fy, fx)), "enhanced_png": _png(enhanced)}
 
 
 def busiest_window(image: np.ndarray, side: int) -> tuple[int, int, int, int]:
@@ -219,13 +223,18 @@ def busiest_window(image: np.ndarray, side: int) -> tuple[int, int, int, int]:
     return where[0], where[1], ch, cw
 
 
-def bicubic_crop(lr: np.ndarray, y: int, x: int, ch: int, cw: int, scale: int) -> np.ndarray:
-    """The crop of a MATLAB-bicubic upscale of the whole image, computed from a margin around it."""
+def bicubic_crop(lr: np.ndarray, y: int, x: int, ch: int, cw: int, scale: float,
+                 scale_x: float | None = None) -> np.ndarray:
+    """The crop of a MATLAB-bicubic upscale of the whole image, computed from a margin around it
+    (exact at a whole ``scale``; at another factor, ``scale_x`` across if it differs, the pixel grid
+    is rounded as the output's crop is)."""
+    fy, fx = scale, scale if scale_x is None else scale_x
     h, w = lr.shape[:2]
     y0, x0 = max(0, y - _MARGIN), max(0, x - _MARGIN)
     y1, x1 = min(h, y + ch + _MARGIN), min(w, x + cw + _MARGIN)
-    up = imresize(lr[y0:y1, x0:x1], output_shape=((y1 - y0) * scale, (x1 - x0) * scale))
-    return up[(y - y0) * scale:(y - y0 + ch) * scale, (x - x0) * scale:(x - x0 + cw) * scale]
+    up = imresize(lr[y0:y1, x0:x1], output_shape=(round(y1 * fy) - round(y0 * fy), round(x1 * fx) - round(x0 * fx)))
+    top, left = round(y * fy) - round(y0 * fy), round(x * fx) - round(x0 * fx)
+    return up[top:top + round((y + ch) * fy) - round(y * fy), left:left + round((x + cw) * fx) - round(x * fx)]
 
 
 def _png(pixels: np.ndarray) -> str:

@@ -118,8 +118,9 @@ def _sample(s: dict[str, Any]) -> str:
     if "error" in s:
         return f"<figure class=\"sample\"><figcaption>{what}<br><span class=\"error\">{escape(s['error'])}</span></figcaption></figure>"
     x, y, w, h = s["box"]
-    zoom = max(1, min(4, 256 // max(w * s["scale"], h * s["scale"])))
-    size = f"width=\"{w * s['scale'] * zoom}\" height=\"{h * s['scale'] * zoom}\""
+    cw, ch = s.get("size") or (w * s["scale"], h * s["scale"])  # reports written before crops had a size
+    zoom = max(1, min(4, 256 // max(cw, ch)))
+    size = f"width=\"{cw * zoom}\" height=\"{ch * zoom}\""
     gain = "" if s["sharpness_gain"] is None else f", sharpness gain {s['sharpness_gain']:.2f}"
     pair = "".join(f"<div><img src=\"{_PNG}{s[name]}\" {size} alt=\"{label}\"><span>{label}</span></div>"
                    for name, label in (("bicubic_png", "bicubic"), ("enhanced_png", "enhanced")))

@@ -23,6 +23,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="leave out the first K images of each folder in sorted order (few-shot exemplars)")
     p.add_argument("--report", required=True, help="where to write the JSON report (path or URI)")
     p.add_argument("--clip-weights", default=None, help="CLIP weights file/URI, for models trained with one")
+    p.add_argument("--strength", type=float, metavar="S",
+                   help="an adapted model with its weights moved only S (0 to 1) of the way from its source "
+                        "model's, as clipsr enhance --strength")
     p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N (default cpu)")
     p.add_argument("--jpeg", type=int, metavar="Q",
                    help="save each protocol LR as a JPEG at quality Q (1-100) before upscaling, as archives "
@@ -40,7 +43,7 @@ def _run(args: argparse.Namespace) -> int:
     if len(datasets) != len(args.data):
         raise ValueError("each --data NAME must be unique")
     upscaler = load_upscaler(args.model, args.scale, clip_weights=args.clip_weights,
-                             device=args.device, tile=args.tile)
+                             device=args.device, tile=args.tile, strength=args.strength)
 
     def progress(row: dict[str, Any]) -> None:
         name = row["uri"].rsplit("/", 1)[-1]

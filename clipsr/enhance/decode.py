@@ -5,7 +5,8 @@ Three bounds keep one odd input from taking its worker down with it:
 - bytes: the plan refuses objects over ``--max-input-bytes`` from the listing, without reading
   them; here a read stops one byte past the limit, so an object that grew since it was listed is
   refused too, never held whole;
-- pixels: an input whose output would exceed ``--max-output-pixels`` is refused from its header,
+- pixels: an input whose output would exceed ``--max-output-pixels`` (the model's own output, or
+  the ``--outscale`` one where that is larger: clipsr.enhance.resize) is refused from its header,
   read first with one ranged GET of ``HEADER_BYTES`` (the rest is fetched only if the header
   passes, or does not fit in those bytes), so a 24-megapixel photo at x4 (384 megapixels out) is a
   failed row with the reason, never an out-of-memory worker;
@@ -15,6 +16,7 @@ Three bounds keep one odd input from taking its worker down with it:
 """
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -23,9 +25,11 @@ import pyarrow as pa
 
 from clipsr import imaging, storage
 from clipsr.enhance import rows as R
+from clipsr.enhance.encoder import lossless_input
 from clipsr.enhance.isolate import ChildDied, Isolated
 from clipsr.enhance.options import DEFAULT_MAX_INPUT_BYTES
 from clipsr.enhance.quality import bicubic_sharpness
+from clipsr.enhance.resize import limit_factor, output_size
 
 #: The first read of every input: enough for the header of every format but TIFFs whose directory
 #: follows the pixels and JPEGs with more metadata than this before their frame header (those are
@@ -42,12 +46,13 @@ DECODER_BYTES_PER_OUTPUT_PIXEL = 48
 _decoders: dict[int, Isolated] = {}
 
 
-def input_pixel_limit(max_output_pixels: int, scale: int) -> int:
-    """The most input pixels an image may have so that its output stays within the limit."""
-    return min(imaging.DEFAULT_MAX_PIXELS, max_output_pixels // (scale * scale))
+def input_pixel_limit(max_output_pixels: int, scale: float) -> int:
+    """The most input pixels an image may have so that its output (``scale`` times its sides) stays
+    within the limit."""
+    return min(imaging.DEFAULT_MAX_PIXELS, math.floor(max_output_pixels / (scale * scale)))
 
 
-def decoder_memory_bytes(max_input_bytes: int, max_output_pixels: int, scale: int) -> int:
+def decoder_memory_bytes(max_input_bytes: int, max_output_pixels: int, scale: float) -> int:
     """The decoder process's cap: any input within the limits fits under it."""
     return (DECODER_BASE_BYTES + 2 * max_input_bytes + DECODER_BYTES_PER_OUTPUT_PIXEL * max_output_pixels
             + DECODER_BYTES_PER_INPUT_PIXEL * input_pixel_limit(max_output_pixels, scale))
@@ -60,28 +65,31 @@ def _decoder(memory_bytes: int) -> Isolated:
     return _decoders[memory_bytes]
 
 
-def decode_pixels(data: bytes, max_pixels: int, scale: int) -> dict[str, Any]:
+def decode_pixels(data: bytes, max_pixels: int, scale: int, outscale: float | None = None,
+                  max_long_edge: int | None = None) -> dict[str, Any]:
     """Runs in the decoder process: the row's decoded columns (pixels packed at their precision)."""
     decoded = imaging.decode(data, max_pixels=max_pixels)
+    size = output_size(decoded.height, decoded.width, scale, outscale, max_long_edge)
     quantise = imaging.to_uint16 if decoded.bit_depth == 16 else imaging.to_uint8
     return {"input_format": decoded.format, "input_mode": decoded.mode, "input_bit_depth": decoded.bit_depth,
             "input_width": decoded.width, "input_height": decoded.height,
             "icc_profile": decoded.icc_profile, "exif": decoded.exif, "notes": decoded.notes,
             "lr": R.pack(quantise(decoded.pixels)),
             "alpha": None if decoded.alpha is None else R.pack(quantise(decoded.alpha)),
-            "sharpness_bicubic": bicubic_sharpness(decoded.pixels, scale)}
+            "sharpness_bicubic": bicubic_sharpness(decoded.pixels, size),
+            "input_lossless": lossless_input(data, decoded.format)}
 
 
-def _too_many_pixels(reason: str, scale: int, max_output_pixels: int) -> str:
+def _too_many_pixels(reason: str, scale: float, max_output_pixels: int) -> str:
     if reason.startswith("too many pixels:"):
-        return f"output too large: x{scale} would exceed --max-output-pixels={max_output_pixels:,} ({reason})"
+        return f"output too large: x{scale:g} would exceed --max-output-pixels={max_output_pixels:,} ({reason})"
     return reason
 
 
 def read_decode(row: dict[str, Any], max_output_pixels: int, max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
                 decoder: Isolated | None = None) -> None:
     """Fill a plan row with the decoded input (or fail it); mutates ``row``."""
-    scale = int(row["scale"])
+    scale = limit_factor(int(row["scale"]), row["outscale"])
     max_pixels = input_pixel_limit(max_output_pixels, scale)
     start = time.perf_counter()
     try:
@@ -111,7 +119,8 @@ def read_decode(row: dict[str, Any], max_output_pixels: int, max_input_bytes: in
     decoder = decoder or _decoder(decoder_memory_bytes(max_input_bytes, max_output_pixels, scale))
     start = time.perf_counter()
     try:
-        decoded = decoder.call(decode_pixels, data, max_pixels, scale)
+        decoded = decoder.call(decode_pixels, data, max_pixels, int(row["scale"]), row["outscale"],
+                               row["max_long_edge"])
     except imaging.ImageDecodeError as e:
         R.fail(row, _too_many_pixels(str(e), scale, max_output_pixels))
         return

@@ -23,7 +23,9 @@ Held on the driver in SQLite on local disk (the ``idx`` table), never as a Pytho
 stays flat at millions of keys.
 
 Version 2 added the ``status`` and ``error`` columns (failed rows); version 1 indexes (ok rows
-only) are read as such, and rewritten as version 2 by the next run.
+only) are read as such, and rewritten by the next run. Version 3 added the output settings
+(``outscale``, ``max_long_edge``, ``quality``: clipsr.enhance.output); rows of earlier versions
+read them as null, the defaults they were made with.
 """
 from __future__ import annotations
 
@@ -44,20 +46,21 @@ from clipsr.enhance.failures import is_permanent
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+INDEX_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ROWS_PER_PART = 1_000_000
 SCHEMA = pa.schema([
     ("key", pa.string()), ("size", pa.int64()), ("etag", pa.string()), ("mtime_ms", pa.int64()),
     ("model_id", pa.string()), ("model_version", pa.string()), ("domain", pa.string()),
     ("scale", pa.int32()), ("output_uri", pa.string()), ("output_size", pa.int64()), ("run_id", pa.string()),
     ("route_embedding", pa.binary()),  # --route auto: routes the input again without reading it
+    ("outscale", pa.float64()), ("max_long_edge", pa.int32()), ("quality", pa.int32()),  # version 3
     ("status", pa.string()), ("error", pa.string()),  # version 2: "ok", "failed" with the permanent reason, or "unsupported"
 ])
 _COLUMNS = SCHEMA.names
 _MANIFEST_COLUMNS = ["input_key", "input_size", "input_etag", "input_mtime", "model_id", "model_version", "domain",
-                     "scale", "output_uri", "output_size", "run_id", "route_embedding", "status",
-                     "error"]  # in _COLUMNS' order
+                     "scale", "output_uri", "output_size", "run_id", "route_embedding", "outscale",
+                     "max_long_edge", "quality", "status", "error"]  # in _COLUMNS' order
 
 
 class IndexFencedError(RuntimeError):
@@ -79,7 +82,8 @@ class IndexMeta:
 def create_table(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE idx (key TEXT PRIMARY KEY, size INTEGER, etag TEXT, mtime_ms INTEGER, "
                "model_id TEXT, model_version TEXT, domain TEXT, scale INTEGER, output_uri TEXT, "
-               "output_size INTEGER, run_id TEXT, route_embedding BLOB, status TEXT, error TEXT)")
+               "output_size INTEGER, run_id TEXT, route_embedding BLOB, outscale REAL, max_long_edge INTEGER, "
+               "quality INTEGER, status TEXT, error TEXT)")
     # plan.decide looks up who produced an output: by output URI, out of core at millions of keys
     db.execute("CREATE INDEX idx_output ON idx (output_uri)")
 

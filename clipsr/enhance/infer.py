@@ -24,7 +24,7 @@ import torch
 from clipsr import imaging
 from clipsr.enhance import rows as R
 from clipsr.enhance.decode import to_float
-from clipsr.enhance.routing import AUTO_PREFIX, AutoChooser, pack_embedding
+from clipsr.enhance.routing import AUTO_PREFIX, DEFAULT_DOMAIN, AutoChooser, pack_embedding
 from clipsr.factory import load_upscaler
 
 
@@ -57,7 +57,7 @@ class InferStage:
         self.device, self.precision, self.tile, self.clip_weights = device, precision, tile, clip_weights
         self.image_timeout = image_timeout
         self.max_models = max_models
-        self._models: OrderedDict[tuple[str, int], Any] = OrderedDict()
+        self._models: OrderedDict[tuple[str, int, float | None], Any] = OrderedDict()
         self._choosers: dict[str, AutoChooser] = {}
         self._deadline: float | None = None
         self.node_id, self.node_ip = _node()
@@ -66,13 +66,13 @@ class InferStage:
         if self._deadline is not None and time.monotonic() > self._deadline:
             raise ImageTimeout(f"over the per-image time limit of {self.image_timeout:g} s")
 
-    def upscaler(self, spec: str, scale: int) -> Any:
-        key = (spec, scale)
+    def upscaler(self, spec: str, scale: int, strength: float | None = None) -> Any:
+        key = (spec, scale, strength)
         if key in self._models:
             self._models.move_to_end(key)
             return self._models[key]
         up = load_upscaler(spec, scale, clip_weights=self.clip_weights, device=self.device,
-                           precision=self.precision, tile=self.tile)
+                           precision=self.precision, tile=self.tile, strength=strength)
         network = getattr(up, "model", None)
         if isinstance(network, torch.nn.Module):
             network.register_forward_pre_hook(self._check_deadline)
@@ -96,9 +96,12 @@ class InferStage:
         auto = row["model_spec"].startswith(AUTO_PREFIX)
         lr = to_float(R.unpack(row["lr"]))
         spec = self._route_auto(row, lr) if auto else row["model_spec"]
-        up = self.upscaler(spec, int(row["scale"]))
+        if auto and row["domain"] == DEFAULT_DOMAIN:  # --strength tones down domain models, not the source
+            row["strength"] = None
+        up = self.upscaler(spec, int(row["scale"]), row["strength"])
         if auto:  # the row records the model that ran; the index compares it with the next run's route
             row["model_id"] = up.describe()["id"]
+            row["strength"] = getattr(up, "meta", {}).get("strength")
             R.add_note(row, f"routed to {row['model_id']}")
         elif up.describe()["id"] != row["model_id"]:
             R.fail(row, f"model {row['model_spec']} is now {up.describe()['id']}, not the {row['model_id']} "

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from clipsr.enhance.output import OutputSettings
 
 DEFAULT_MAX_OUTPUT_PIXELS = 64_000_000
 # 256 MiB: above any uncompressed input (16-bit RGBA, 8 bytes a pixel) within the default pixel
@@ -24,7 +28,11 @@ class EnhanceOptions:
     route_threshold: float = 0.8
     model: str = "default"
     scale: int | None = None
+    outscale: float | None = None
+    max_long_edge: int | None = None
+    strength: float = 1.0
     format: str | None = None
+    quality: int = 95
     max_failed_fraction: float = 0.01
     limit: int | None = None
     dry_run: bool = False
@@ -66,6 +74,14 @@ class EnhanceOptions:
             raise ValueError(f"--commit-every must be at least 0 seconds, got {self.commit_every}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"--strength must be in [0, 1], got {self.strength}")
+        self.output_settings()  # --outscale, --max-long-edge, --quality
+
+    def output_settings(self) -> OutputSettings:
+        from clipsr.enhance.output import OutputSettings
+
+        return OutputSettings(self.outscale, self.max_long_edge, self.quality)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "EnhanceOptions":
@@ -101,9 +117,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--route auto: below this cosine to the nearest domain centroid, use --model (default 0.8)")
     p.add_argument("--model", default="default",
                    help="model without a registry: default (bundled), bicubic, or a checkpoint path/URI")
-    p.add_argument("--scale", type=int, help="upscaling factor (default: the model's)")
+    p.add_argument("--scale", type=int,
+                   help="the model's upscaling factor: checked against the model (bicubic: the factor it runs "
+                        "at); default: the model's. With --outscale, a model of another factor is accepted")
+    p.add_argument("--outscale", type=float, metavar="F",
+                   help="output size F times the input (as Real-ESRGAN's -s/--outscale): the model runs at its "
+                        "own factor, then the result is resized to int(F x width) by int(F x height), Lanczos "
+                        "when enlarging, area averaging when shrinking (default: the model's factor)")
+    p.add_argument("--max-long-edge", type=_count("pixels"), metavar="N",
+                   help="cap the output's longer side at N pixels, keeping the aspect ratio (after --outscale)")
+    p.add_argument("--strength", type=float, default=1.0, metavar="S",
+                   help="run adapted models (registry domains, or a --model written by clipsr adapt) with their "
+                        "weights moved only S of the way from their source model's: source + S x (adapted - "
+                        "source); 1 (default): as adapted, 0: the source model. The source model of a routed "
+                        "run (--model) runs as it is")
     p.add_argument("--format", choices=FORMATS, type=str.lower,
                    help="convert outputs to this format (extension replaced); default: keep each input's")
+    p.add_argument("--quality", type=int, default=95, metavar="Q",
+                   help="JPEG and lossy WebP quality, 1-100 (default 95); a WebP output of a lossless input "
+                        "(PNG, TIFF, BMP, GIF, lossless WebP) is lossless")
     p.add_argument("--max-failed-fraction", type=float, default=0.01, metavar="F",
                    help="exit 2 when (failed + unsupported) / (ok + failed + unsupported) is above F "
                         "(default 0.01)")
@@ -114,7 +146,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "image, over the pixel limit, unsafe key); by default they are carried forward unread "
                         "while their key, size, ETag (mtime) and scale are unchanged, and not counted as failed again")
     p.add_argument("--max-output-pixels", type=_count("pixels"), default=DEFAULT_MAX_OUTPUT_PIXELS, metavar="N",
-                   help="refuse (a failed row) inputs whose output would have more pixels (default 64e6)")
+                   help="refuse (a failed row) inputs whose output would have more pixels: the model's own "
+                        "output, or the --outscale one where that is larger (default 64e6)")
     p.add_argument("--max-input-bytes", type=_count("bytes"), default=DEFAULT_MAX_INPUT_BYTES, metavar="N",
                    help="refuse (a failed row, never read) inputs larger than N bytes, from the listing "
                         "(default 268435456, 256 MiB)")

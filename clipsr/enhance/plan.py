@@ -18,10 +18,10 @@ keys (SQLite sorts and joins out of core). One ordered pass then decides each ke
   key (``--format`` maps ``a.png`` and ``a.jpg`` to ``a.webp``), the first in sorted order (byte
   order of the key) wins;
 - unchanged inputs: skipped without being read. Unchanged means the index's latest ok row for the
-  key has the same size and ETag (mtime), the same model id, scale and output URI, and the output
-  object is still there with the size that run wrote. Under ``--route auto`` the model is the one
-  the input's stored embedding routes to now, so a registry change redoes only the inputs whose
-  domain or domain version changed;
+  key has the same size and ETag (mtime), the same model id, scale, output settings
+  (clipsr.enhance.output) and output URI, and the output object is still there with the size that
+  run wrote. Under ``--route auto`` the model is the one the input's stored embedding routes to
+  now, so a registry change redoes only the inputs whose domain or domain version changed;
 - everything else: a plan row, written in parts for the Ray Data pipeline to read.
 
 Skipped, unsupported and failed rows go straight to the manifest from here.
@@ -43,6 +43,7 @@ from clipsr.enhance import manifest
 from clipsr.enhance import rows as R
 from clipsr.enhance.layout import RESERVED, RunLayout
 from clipsr.enhance.listing import STATUS_BY_KIND, classify_key, output_format
+from clipsr.enhance.output import OutputSettings
 
 if TYPE_CHECKING:  # routing imports the model factory (torch); plan parts are read in light tasks
     from clipsr.enhance.routing import Route, Router
@@ -186,7 +187,8 @@ def load_outputs(db: sqlite3.Connection, objects: Iterable[storage.ObjectInfo]) 
 
 def _route_columns(route: Route) -> dict[str, Any]:
     return {"domain": route.domain, "model_id": route.model.id, "model_version": route.model.version,
-            "route_similarity": route.similarity, "clip_encoder": route.model.clip_encoder}
+            "route_similarity": route.similarity, "clip_encoder": route.model.clip_encoder,
+            "strength": route.model.strength}
 
 
 class _Prior(NamedTuple):
@@ -202,6 +204,9 @@ class _Prior(NamedTuple):
     output_size: int | None
     run_id: str | None
     route_embedding: bytes | None
+    outscale: float | None
+    max_long_edge: int | None
+    quality: int | None
 
 
 def _same_content(size, etag, mtime_ms, prior: _Prior) -> bool:
@@ -210,11 +215,13 @@ def _same_content(size, etag, mtime_ms, prior: _Prior) -> bool:
     return same and size == prior.size
 
 
-def _unchanged(size, etag, mtime_ms, route: Route, scale: int, output_uri: str, prior: _Prior, out_size) -> bool:
+def _unchanged(size, etag, mtime_ms, route: Route, scale: int, output_uri: str, prior: _Prior, out_size,
+               settings: OutputSettings, fmt: str) -> bool:
     if prior.status != "ok" or out_size is None or out_size != prior.output_size:
         return False
     return (_same_content(size, etag, mtime_ms, prior) and prior.model_id == route.model.id
-            and prior.scale == scale and prior.output_uri == output_uri)
+            and prior.scale == scale and prior.output_uri == output_uri
+            and settings.unchanged(prior.outscale, prior.max_long_edge, prior.quality, fmt))
 
 
 def _failed_before(size, etag, mtime_ms, scale: int, prior: _Prior) -> bool:
@@ -230,7 +237,7 @@ def _carried_forward(prior: _Prior) -> dict[str, Any]:
 
 
 def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int, fmt: str | None,
-           sink: PlanSink, retry_failed: bool = False) -> PlanCounts:
+           sink: PlanSink, retry_failed: bool = False, settings: OutputSettings = OutputSettings()) -> PlanCounts:
     """One ordered pass over the joined tables; every listed key goes to ``sink`` exactly once.
 
     Within an output key, the input that produced the output in an earlier run (``w``, its owner)
@@ -240,7 +247,7 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
     cursor = db.execute(
         "SELECT l.key, l.uri, l.size, l.etag, l.mtime_ms, l.kind, l.reason, l.out_key, l.out_uri, "
         "i.status, i.error, i.size, i.etag, i.mtime_ms, i.model_id, i.scale, i.output_uri, i.output_size, i.run_id, "
-        "i.route_embedding, o.size, w.key, w.run_id "
+        "i.route_embedding, i.outscale, i.max_long_edge, i.quality, o.size, w.key, w.run_id "
         "FROM (SELECT *, output_uri(out_key) AS out_uri FROM listing) l "
         "LEFT JOIN idx i ON i.key = l.key LEFT JOIN outputs o ON o.key = l.out_key "
         "LEFT JOIN idx w ON w.key = (SELECT x.key FROM idx x WHERE x.output_uri = l.out_uri "
@@ -250,10 +257,11 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
     winner: tuple[str, str, str] | None = None  # (output key, input key, why it won) of the last candidate
     reroute = getattr(router, "reroute", None)  # --route auto: a stored embedding routes on the driver
     for key, uri, size, etag, mtime_ms, kind, reason, out_key, output_uri, *rest in cursor:
-        prior, (out_size, owner, owner_run) = _Prior(*rest[:11]), rest[11:]
+        prior, (out_size, owner, owner_run) = _Prior(*rest[:14]), rest[14:]
         counts.listed += 1
         base = {"run_id": layout.run_id, "input_key": key, "input_uri": uri, "input_size": size,
-                "input_etag": etag, "input_mtime": mtime_ms, "scale": scale}
+                "input_etag": etag, "input_mtime": mtime_ms, "scale": scale,
+                "outscale": settings.outscale, "max_long_edge": settings.max_long_edge}
         carried = not retry_failed and _failed_before(size, etag, mtime_ms, scale, prior)
         if kind != "candidate":
             if carried:
@@ -283,7 +291,8 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
         if carried:
             _record(sink, counts, {**base, **_route_columns(route), **_carried_forward(prior)})
             continue
-        if _unchanged(size, etag, mtime_ms, route, scale, output_uri, prior, out_size):
+        out_format = output_format(out_key, fmt)
+        if _unchanged(size, etag, mtime_ms, route, scale, output_uri, prior, out_size, settings, out_format):
             what = "ETag" if etag and prior.etag else "mtime"
             _record(sink, counts, {**base, **_route_columns(route), "status": "skipped",
                                    "previous_run_id": prior.run_id,
@@ -292,9 +301,9 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
         counts.to_process += 1
         counts.models[route.model.id] += 1
         sink.process({"input_key": key, "input_uri": uri, "output_uri": output_uri,
-                      "output_format": output_format(out_key, fmt), "input_size": size, "input_etag": etag,
+                      "output_format": out_format, "input_size": size, "input_etag": etag,
                       "input_mtime_ms": mtime_ms, "scale": scale, "model_spec": route.model.spec,
-                      "route_embedding": embedding, **_route_columns(route)})
+                      "route_embedding": embedding, **_route_columns(route), **settings.columns()})
     return counts
 
 

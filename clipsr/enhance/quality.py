@@ -17,12 +17,12 @@ from clipsr.metrics import clipping_ratio, sharpness
 _LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def bicubic_sharpness(lr: np.ndarray, scale: int) -> float:
-    """Sharpness of a bicubic x``scale`` upscale of ``lr`` (float HxWxC in [0, 1])."""
+def bicubic_sharpness(lr: np.ndarray, size: tuple[int, int]) -> float:
+    """Sharpness of a bicubic resize of ``lr`` (float HxWxC in [0, 1]) to the output's ``size``
+    (height, width): the figure depends on the size, so the reference has the output's."""
     luma = lr[..., 0] if lr.shape[2] == 1 else lr @ _LUMA
-    h, w = luma.shape
     up = Image.fromarray(np.ascontiguousarray(luma, dtype=np.float32))  # mode F
-    up = np.asarray(up.resize((w * scale, h * scale), Image.BICUBIC))
+    up = np.asarray(up.resize((size[1], size[0]), Image.BICUBIC))
     return sharpness(np.clip(up, 0.0, 1.0)[..., None])
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -45,6 +45,8 @@ class ModelRef:
     scale: int
     version: str | None = None  # registry version of a domain model; None without a registry
     clip_encoder: str | None = None  # "arch weights sha256:<12>", None when the model has none
+    adapted: bool = False  # has a source model, so --strength can tone it down
+    strength: float | None = None  # --strength it runs at (adapted models); None: as stored
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,19 @@ def describe_encoder(identity: Mapping[str, Any] | None) -> str | None:
     return f"{identity['arch']} {identity['weights']} sha256:{str(identity['sha256'])[:12]}"
 
 
+def at_strength(ref: ModelRef, strength: float) -> ModelRef:
+    """``ref`` at an adapted model's ``strength`` (its id changes below 1); a model without a
+    source is refused below 1 and left as it is at 1."""
+    from clipsr.models.strength import check_strength, strength_id
+
+    if not ref.adapted:
+        if check_strength(strength) != 1.0:
+            raise ValueError(f"model {ref.id} has no source model to interpolate from: --strength below 1 "
+                             "applies to adapted models (a registry domain, or a checkpoint written by clipsr adapt)")
+        return ref
+    return replace(ref, id=strength_id(ref.id, strength), strength=float(strength))
+
+
 def resolve_model(spec: str, scale: int | None) -> ModelRef:
     """Identify a model spec from its checkpoint header, without building the network (a weights
     file of another architecture has no header: spandrel builds it here, once, on the driver)."""
@@ -105,7 +120,7 @@ def resolve_model(spec: str, scale: int | None) -> ModelRef:
     if scale is not None and scale != meta["scale"]:
         raise CheckpointError(f"model {meta['id']} is a x{meta['scale']} model, but --scale {scale} was asked for")
     return ModelRef(spec=spec, id=meta["id"], scale=int(meta["scale"]),
-                    clip_encoder=describe_encoder(meta.get("clip_encoder")))
+                    clip_encoder=describe_encoder(meta.get("clip_encoder")), adapted=meta.get("parent") is not None)
 
 
 def resolve_domain(registry: str | None, domain: str) -> ModelRef:
@@ -118,8 +133,7 @@ def resolve_domain(registry: str | None, domain: str) -> ModelRef:
     if entry is None:
         raise RegistryUnavailableError(f"domain {domain!r} has no current version in {registry}")
     ref = resolve_model(entry.ref, None)
-    return ModelRef(spec=entry.ref, id=ref.id, scale=ref.scale, version=f"v{entry.version}",
-                    clip_encoder=ref.clip_encoder)
+    return replace(ref, spec=entry.ref, version=f"v{entry.version}")
 
 
 AUTO_PREFIX = "auto:"
@@ -153,7 +167,8 @@ class AutoRouter:
     signature; inputs with a stored embedding are routed here, to a concrete domain model."""
 
     def __init__(self, registry: str, source: ModelRef, threshold: float,
-                 resolve: Callable[[str | None], ModelRef] = lambda ref: resolve_model(ref, None)) -> None:
+                 resolve: Callable[[str | None], ModelRef] = lambda ref: resolve_model(ref, None),
+                 strength: float | None = None) -> None:
         from clipsr.registry import Registry
 
         current = Registry(registry).centroids()
@@ -169,13 +184,15 @@ class AutoRouter:
         for d in self.domains:
             entry = current[d][0]
             ref = resolve(entry.ref)
-            self.models.append(ModelRef(spec=entry.ref, id=ref.id, scale=ref.scale, version=f"v{entry.version}",
-                                        clip_encoder=ref.clip_encoder))
+            ref = replace(ref, spec=entry.ref, version=f"v{entry.version}")
+            self.models.append(ref if strength is None else at_strength(ref, strength))
         state = [source.id, threshold] + sorted([d, e.version, e.doc["model"]["id"]] for d, (e, _) in current.items())
+        if strength not in (None, 1.0):  # a routing signature of today's runs stays what it was
+            state.append(["strength", strength])
         signature = "auto-" + hashlib.sha256(json.dumps(state).encode()).hexdigest()[:12]
         versions = {d: e.version for d, (e, _) in current.items()}
         self._chooser = Route("auto", ModelRef(spec=auto_spec(registry, threshold, source.spec, versions),
-                                               id=signature, scale=source.scale))
+                                               id=signature, scale=source.scale, strength=strength))
 
     def route(self, key: str) -> Route:
         return self._chooser
@@ -241,8 +258,11 @@ def build_router(
     domain: str | None = None,
     resolve: Callable[[str | None, str], ModelRef] = resolve_domain,
     threshold: float = 0.8,
+    strength: float | None = None,
 ) -> Router:
-    """The router for the command line's routing options (at most one of route, route_map, domain)."""
+    """The router for the command line's routing options (at most one of route, route_map, domain).
+    ``strength`` tones down the domain models (adapted, :func:`at_strength`); the source model
+    ``model`` runs as given."""
     if sum(x is not None for x in (route, route_map, domain)) > 1:
         raise ValueError("choose one of --route auto, --route-map FILE and --domain NAME")
     if route is not None:
@@ -250,7 +270,10 @@ def build_router(
             raise ValueError(f"--route takes 'auto', got {route!r}")
         if registry is None:
             raise RegistryUnavailableError("--route auto needs --models REGISTRY")
-        return AutoRouter(registry, model, threshold)
+        return AutoRouter(registry, model, threshold, strength=strength)
+    if strength is not None:
+        plain = resolve
+        resolve = lambda reg, d: at_strength(plain(reg, d), strength)  # noqa: E731
     if domain is not None:
         return SingleModelRouter(resolve(registry, domain), domain)
     if route_map is not None:

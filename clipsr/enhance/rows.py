@@ -21,6 +21,9 @@ PLAN = pa.schema([
     ("input_mtime_ms", pa.int64()), ("scale", pa.int32()), ("domain", pa.string()),
     ("model_spec", pa.string()), ("model_id", pa.string()), ("model_version", pa.string()),
     ("route_similarity", pa.float64()), ("clip_encoder", pa.string()), ("route_embedding", pa.binary()),
+    # output settings (clipsr.enhance.output) and an adapted model's strength; quality is the one
+    # asked for until the write stage records the one applied (null: lossless)
+    ("outscale", pa.float64()), ("max_long_edge", pa.int32()), ("quality", pa.int32()), ("strength", pa.float64()),
 ])
 
 _ADDED = [
@@ -33,6 +36,7 @@ _ADDED = [
     ("read_s", pa.float64()), ("decode_s", pa.float64()), ("infer_s", pa.float64()),
     ("encode_s", pa.float64()), ("write_s", pa.float64()),
     ("precision", pa.string()), ("infer_node_id", pa.string()), ("infer_node_ip", pa.string()),
+    ("input_lossless", pa.bool_()),  # decides lossless WebP (clipsr.enhance.encoder)
     # payloads, cleared once the output is written
     ("lr", pa.large_binary()), ("alpha", pa.large_binary()), ("sr", pa.large_binary()),
     ("icc_profile", pa.large_binary()), ("exif", pa.large_binary()),

@@ -44,7 +44,7 @@ from clipsr.enhance.layout import RunLayout, new_run_id
 from clipsr.enhance.listing import iter_inputs
 from clipsr.enhance.lock import RunLock, require_conditional_store
 from clipsr.enhance.options import EnhanceOptions
-from clipsr.enhance.routing import Router, build_router, resolve_model
+from clipsr.enhance.routing import ModelRef, Router, at_strength, build_router, resolve_model
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +95,9 @@ def run_enhance(opts: EnhanceOptions, progress: TextIO | None = None) -> RunResu
         opts.check()
         layout = RunLayout.create(opts.input, opts.output, opts.manifest, run_id)
         owner.check(layout)
-        model = resolve_model(_absolute_spec(opts.model), opts.scale)
+        model, strength = _source_model(opts)
         router = build_router(model, opts.models, opts.route, opts.route_map, opts.domain,
-                              threshold=opts.route_threshold)
+                              threshold=opts.route_threshold, strength=strength)
         if opts.dry_run:
             return _dry_run(opts, layout, router, model.scale)
         require_conditional_store(layout.index, opts.allow_unconditional_writes)
@@ -110,6 +110,22 @@ def run_enhance(opts: EnhanceOptions, progress: TextIO | None = None) -> RunResu
         return RunResult(run_id, EXIT_INCOMPLETE, f"clipsr enhance: run {run_id} could not complete: "
                                                   f"{one_line(e)}{where} (exit {EXIT_INCOMPLETE})",
                          dry_run=opts.dry_run)
+
+
+def _source_model(opts: EnhanceOptions) -> tuple[ModelRef, float | None]:
+    """``--model`` as the run records it, and the strength left for the router's domain models.
+
+    ``--scale`` must match the model unless ``--outscale`` sets the output size (bicubic runs at
+    ``--scale`` either way). Without routing, ``--strength`` applies to ``--model`` itself (refused
+    below 1 unless it is adapted); with routing, to the domain models only."""
+    spec = _absolute_spec(opts.model)
+    model = resolve_model(spec, opts.scale if opts.outscale is None or spec == "bicubic" else None)
+    if opts.scale is not None and model.scale != opts.scale:
+        log.info("--scale %d: %s is a x%d model; --outscale %g sets the output size", opts.scale, model.id,
+                 model.scale, opts.outscale)
+    if any(x is not None for x in (opts.route, opts.route_map, opts.domain)):
+        return model, opts.strength
+    return at_strength(model, opts.strength), None
 
 
 def one_line(exc: BaseException) -> str:
@@ -136,7 +152,8 @@ def _plan(db: sqlite3.Connection, opts: EnhanceOptions, layout: RunLayout, route
         outputs = 0
     listed = plan.load_listing(db, iter_inputs(layout.input, [], opts.limit), opts.format, opts.max_input_bytes)
     log.info("listed %d input keys, %d outputs; index holds %d keys", listed, outputs, loaded)
-    return plan.decide(db, layout, router, scale, opts.format, sink, retry_failed=opts.retry_failed)
+    return plan.decide(db, layout, router, scale, opts.format, sink, retry_failed=opts.retry_failed,
+                       settings=opts.output_settings())
 
 
 def _dry_run(opts: EnhanceOptions, layout: RunLayout, router: Router, scale: int) -> RunResult:

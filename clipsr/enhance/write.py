@@ -1,5 +1,8 @@
 """Stage 3: encode an upscaled image in its output format and commit it, whole or not at all.
 
+The model's output is first resized to the output size where ``--outscale`` or
+``--max-long-edge`` ask for another (clipsr.enhance.resize), here rather than in the inference
+actors, which stay on the network; the encoder settings come from clipsr.enhance.encoder.
 Alpha is upscaled here, separately, with bicubic (the model enhances colour only). ICC profiles
 and EXIF (already without its orientation tag: the pixels are upright) are kept where the format
 has room; EXIF that cannot be kept is noted on the row. The object is written under its final,
@@ -18,14 +21,18 @@ from clipsr import imaging, storage
 from clipsr.degrade import imresize
 from clipsr.enhance import rows as R
 from clipsr.enhance.decode import to_float
+from clipsr.enhance.encoder import DEFAULT_QUALITY, encoder_settings
 from clipsr.enhance.quality import output_figures
+from clipsr.enhance.resize import resize, row_output_size
 
 
 def encode_write(row: dict[str, Any]) -> None:
     """Encode ``row['sr']``, write it to ``row['output_uri']`` and mark the row ok; mutates ``row``."""
     start = time.perf_counter()
     values = R.unpack(row["sr"])
+    values = resize(values, row_output_size(row, int(row["input_height"]), int(row["input_width"])))
     fmt, depth = row["output_format"], int(row["output_bit_depth"])
+    quality, lossless = encoder_settings(fmt, int(row["quality"] or DEFAULT_QUALITY), row["input_lossless"])
     alpha = None
     if row["alpha"] is not None:
         if fmt in imaging.ALPHA_FORMATS:
@@ -38,14 +45,15 @@ def encode_write(row: dict[str, Any]) -> None:
         R.add_note(row, f"EXIF dropped ({fmt} has no place for it)")
     if int(row["input_bit_depth"]) == 16 and depth == 8:
         R.add_note(row, f"16-bit input written as 8-bit ({fmt} holds 8 bits)")
-    data = imaging.encode(to_float(values), alpha, fmt, bit_depth=depth,
-                          icc_profile=row["icc_profile"], exif=row["exif"])
+    data = imaging.encode(to_float(values), alpha, fmt, bit_depth=depth, icc_profile=row["icc_profile"],
+                          exif=row["exif"], quality=quality or DEFAULT_QUALITY, lossless=lossless)
     row["encode_s"] = time.perf_counter() - start
     start = time.perf_counter()
     storage.write_bytes_atomic(row["output_uri"], data)
     row["write_s"] = time.perf_counter() - start
     row.update(output_figures(values, row["sharpness_bicubic"]))
-    row.update(status="ok", output_size=len(data), output_height=values.shape[0], output_width=values.shape[1])
+    row.update(status="ok", output_size=len(data), output_height=values.shape[0], output_width=values.shape[1],
+               quality=quality)
     for name in R.PAYLOADS:
         row[name] = None
 
@@ -54,10 +62,11 @@ def write_batch(batch: pa.Table) -> pa.Table:
     """Ray Data task UDF: upscaled rows in, written (or failed) rows without payloads out."""
     rows = R.from_table(batch)
     for row in rows:
-        if not R.pending(row):
-            continue
-        try:
-            encode_write(row)
-        except Exception as e:  # noqa: BLE001  one bad output must not fail the dataset
-            R.fail(row, f"encode/write failed: {R.short_error(e)}")
+        if R.pending(row):
+            try:
+                encode_write(row)
+            except Exception as e:  # noqa: BLE001  one bad output must not fail the dataset
+                R.fail(row, f"encode/write failed: {R.short_error(e)}")
+        if row["status"] != "ok":
+            row["quality"] = None  # the manifest records the quality of outputs written
     return R.to_table(rows)
