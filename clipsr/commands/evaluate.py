@@ -23,7 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="leave out the first K images of each folder in sorted order (few-shot exemplars)")
     p.add_argument("--report", required=True, help="where to write the JSON report (path or URI)")
     p.add_argument("--clip-weights", default=None, help="CLIP weights file/URI, for models trained with one")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu",
+                   help="torch device the model runs on: cpu (default), cuda, or cuda:N for one GPU of several")
     p.add_argument("--tile", type=int, default=256, help="LR tile size for inference (memory bound)")
     p.set_defaults(func=_run)
 
