@@ -283,6 +283,31 @@ def _iter_fsspec(uri: str, recursive: bool) -> Iterator[ObjectInfo]:
                              mtime=mtime.timestamp() if hasattr(mtime, "timestamp") else mtime)
 
 
+def file_info(uri: str) -> ObjectInfo | None:
+    """The object ``uri`` names, as a listing of its parent would give it (``key``: its name);
+    None when ``uri`` is a folder, a prefix or nothing (a URI ending in '/' is always a prefix)."""
+    if uri.endswith("/"):
+        return None
+    if _protocol(uri) in _LOCAL_PROTOCOLS:
+        path = _local_path(uri)
+        if not os.path.isfile(path):
+            return None
+        st = os.stat(path)
+        return ObjectInfo(uri=uri, key=os.path.basename(path), size=st.st_size, etag=None, mtime=st.st_mtime)
+    fs, path = filesystem(uri)
+    try:
+        info = retry(lambda: fs.info(path))
+    except FileNotFoundError:
+        return None
+    if info.get("type") != "file":
+        return None
+    etag = info.get("ETag") or info.get("etag")
+    mtime = info.get("LastModified") or info.get("mtime")
+    return ObjectInfo(uri=uri, key=posixpath.basename(path), size=int(info.get("size") or 0),
+                      etag=str(etag).strip('"') if etag else None,
+                      mtime=mtime.timestamp() if hasattr(mtime, "timestamp") else mtime)
+
+
 def list_images(uri: str, recursive: bool = True) -> list[str]:
     """Full URIs of the image files below uri, in sorted order (byte order of the relative key).
 
