@@ -9,10 +9,11 @@ ray-project/ray#57733): Ray Data hands each actor its context by object referenc
 those objects for the whole run, so the restarts it warns about still work, and turning restarts
 off to silence it would cost the pool its recovery from a lost node.
 
-So, while quiet: Ray's Python loggers write to the file instead of the console; descriptor 2 points
-at the file too, and ``sys.stderr`` (progress lines, the job's own log lines and messages) at a copy
-of the console; Ray Data's progress bars and execution-plan lines are off (:func:`quiet_data`).
-:func:`stop` puts everything back. Nothing here imports Ray.
+So, while quiet: Ray's Python loggers write to the file instead of the console, and so do the
+Python warnings raised inside Ray's code (Ray Data's notes on pool sizes and deprecated settings);
+descriptor 2 points at the file too, and ``sys.stderr`` (progress lines, the job's own log lines and
+messages) at a copy of the console; Ray Data's progress bars and execution-plan lines are off
+(:func:`quiet_data`). :func:`stop` puts everything back. Nothing here imports Ray.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import logging
 import os
 import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -39,6 +41,7 @@ class _Quiet:
     console: TextIO | None  # the console copy given to sys.stderr, when sys.stderr wrote to descriptor 2
     handlers: list[tuple[logging.Logger, logging.Handler]] = field(default_factory=list)  # moved to the file
     stream_handlers: list[logging.StreamHandler] = field(default_factory=list)  # pointed at the console copy
+    showwarning: Any = None  # warnings.showwarning before
 
 
 _active: _Quiet | None = None
@@ -81,6 +84,8 @@ def start(path: str | None = None) -> str:
                 state.stream_handlers.append(handler)
         sys.stderr = state.console
     os.dup2(file.fileno(), 2)
+    state.showwarning = warnings.showwarning
+    warnings.showwarning = _show_warning
     _active = state
     route_ray_loggers()
     return path
@@ -125,6 +130,8 @@ def stop() -> None:
         return
     sys.stderr.flush()
     os.dup2(state.console_fd, 2)
+    if warnings.showwarning is _show_warning:
+        warnings.showwarning = state.showwarning
     for handler in state.stream_handlers:
         handler.setStream(state.stderr)
     if state.console is not None and sys.stderr is state.console:
@@ -137,6 +144,19 @@ def stop() -> None:
         state.console.close()
     os.close(state.console_fd)
     state.file.close()
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    """Warnings raised in Ray's code (or of Ray's own deprecation class) go to the file."""
+    state = _active
+    from_ray = f"{os.sep}ray{os.sep}" in filename or category.__name__ == "RayDeprecationWarning"
+    if state is not None and from_ray:
+        state.file.write(warnings.formatwarning(message, category, filename, lineno, line))
+    elif state is not None:
+        state.showwarning(message, category, filename, lineno, file, line)
+    else:  # stopped, but another hook kept this one in its chain
+        (file or sys.stderr).write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
 def _writes_to_fd2(stream: TextIO) -> bool:

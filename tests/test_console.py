@@ -194,7 +194,7 @@ def test_a_run_names_its_failures_shows_plain_progress_and_keeps_ray_quiet(tmp_p
 def test_quiet_ray_output_goes_to_the_file_and_comes_back(tmp_path):
     """Descriptor 2 (native code) and Ray's loggers to the file, Python's stderr on the console."""
     script = f"""
-import logging, os, sys
+import logging, os, sys, warnings
 from clipsr import ray_logs
 logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
 ray_logger = logging.getLogger("ray")
@@ -204,6 +204,8 @@ os.write(2, b"native line\\n")
 logging.getLogger("ray.data").warning("ray warning")
 logging.getLogger("clipsr.x").info("job line")
 print("progress line", file=sys.stderr)
+exec(compile("warnings.warn('pool note')", os.path.join("site-packages", "ray", "data", "x.py"), "exec"))
+warnings.warn("job warning")
 ray_logs.stop()
 os.write(2, b"native after\\n")
 ray_logger.warning("ray after")
@@ -211,9 +213,11 @@ ray_logger.warning("ray after")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
-    assert done.stderr.splitlines() == ["clipsr.x: job line", "progress line", "native after", "ray after"]
+    lines = [line for line in done.stderr.splitlines() if not line.startswith("  ")]  # a warning's source line
+    assert lines == ["clipsr.x: job line", "progress line", "<string>:13: UserWarning: job warning",
+                     "native after", "ray after"]
     logged = (tmp_path / "ray.log").read_text()
-    assert "native line" in logged and "ray warning" in logged
+    assert "native line" in logged and "ray warning" in logged and "UserWarning: pool note" in logged
     assert "job line" not in logged and "progress line" not in logged and "after" not in logged
 
 
