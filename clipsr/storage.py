@@ -117,6 +117,11 @@ def _s3_filesystem(endpoint_url: str | None, env_digest: str, pid: int) -> fsspe
     return s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True, use_listings_cache=False)
 
 
+def is_local(uri: str) -> bool:
+    """A path or file:// URI on this machine's disks."""
+    return _protocol(uri) in _LOCAL_PROTOCOLS
+
+
 def absolute(uri: str) -> str:
     """Local paths made absolute (workers do not share the driver's working directory)."""
     if _protocol(uri) in _LOCAL_PROTOCOLS:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipsr import storage
 from clipsr.cli import build_parser, main
 from clipsr.enhance.failure_list import LIMIT, FailureList
 
@@ -53,15 +54,13 @@ def folder(tmp_path):
     return inp
 
 
-@pytest.mark.parametrize("case", ["missing input", "empty input", "output is a file", "manifest is a file",
+@pytest.mark.parametrize("case", ["missing input", "output is a file", "manifest is a file",
                                   "output is the file's folder", "x2 asked of the x4 model", "bad fraction"])
 def test_a_refused_start_says_why_and_writes_nothing(tmp_path, folder, capsys, case):
     (tmp_path / "taken.txt").write_text("a file, not a folder")
-    (tmp_path / "empty").mkdir()
     out = tmp_path / "out"
     args = {
         "missing input": ["--input", str(tmp_path / "nope"), "--output", str(out), *BICUBIC],
-        "empty input": ["--input", str(tmp_path / "empty"), "--output", str(out), *BICUBIC],
         "output is a file": ["--input", str(folder), "--output", str(tmp_path / "taken.txt"), *BICUBIC],
         "manifest is a file": ["--input", str(folder), "--output", str(out), "--manifest",
                                str(tmp_path / "taken.txt"), *BICUBIC],
@@ -71,7 +70,6 @@ def test_a_refused_start_says_why_and_writes_nothing(tmp_path, folder, capsys, c
     }[case]
     expected = {
         "missing input": f"--input {tmp_path / 'nope'}: no such file, and no files below it",
-        "empty input": f"--input {tmp_path / 'empty'}: no such file, and no files below it",
         "output is a file": f"--output {tmp_path / 'taken.txt'} is a file; give a folder",
         "manifest is a file": f"--manifest {tmp_path / 'taken.txt'} is a file; give a folder",
         "output is the file's folder": "the output would replace the input; choose another --output",
@@ -83,6 +81,13 @@ def test_a_refused_start_says_why_and_writes_nothing(tmp_path, folder, capsys, c
     assert code == 1 and lines[-1].endswith("(exit 1)") and expected in lines[-1], lines
     assert "partial manifest" not in lines[-1] and "Errno" not in lines[-1] and "Traceback" not in err
     assert _tree(tmp_path) == before  # no output folder, no _index, no lock, no manifest
+
+
+def test_an_object_store_prefix_without_objects_is_refused_and_nothing_written(s3_bucket, capsys):
+    storage.write_bytes_atomic(f"{s3_bucket}/scans/a.png", _png(0))
+    code, lines, _ = _enhance(capsys, "--input", f"{s3_bucket}/scan", "--output", f"{s3_bucket}/out", *BICUBIC)
+    assert code == 1 and f"--input {s3_bucket}/scan: no such file, and no files below it" in lines[-1]
+    assert [info.key for info in storage.iter_objects(s3_bucket)] == ["scans/a.png"]
 
 
 def test_a_run_stopped_after_the_lock_names_no_manifest_that_does_not_exist(tmp_path, folder, capsys):

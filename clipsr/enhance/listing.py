@@ -4,6 +4,7 @@ functions: the rules the manifest's failed, skipped and unsupported rows come fr
 """
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -98,17 +99,21 @@ class InputSource:
 
 
 def resolve_input(uri: str) -> InputSource:
-    """A file, or a folder or prefix with at least one object below it; anything else is refused
-    here, before the run writes anything."""
+    """A file, a folder, or an object-store prefix with at least one object below it (an empty
+    prefix cannot be told from a mistyped one); anything else is refused here, before the run
+    writes anything."""
     uri = storage.absolute(uri)
     single = storage.file_info(uri)
     if single is not None:
         return InputSource(prefix=posixpath.dirname(uri), file=single)
-    try:
-        first = next(iter(storage.iter_objects(uri)), None)
-    except FileNotFoundError:
-        first = None
-    if first is None:
+    if storage.is_local(uri):
+        found = os.path.isdir(uri)  # an empty folder is a run with nothing to do
+    else:
+        try:
+            found = next(iter(storage.iter_objects(uri)), None) is not None
+        except FileNotFoundError:
+            found = False
+    if not found:
         raise FileNotFoundError(f"--input {uri}: no such file, and no files below it; give an image file, "
                                 "a folder or an s3:// prefix that holds the images")
     return InputSource(prefix=uri)

@@ -2,9 +2,10 @@
 
 Order of events (each step's output is what makes the next one safe to rerun):
 
-1. refuse a missing or empty input, an output that is a file, overlapping prefixes and an output
-   prefix that belongs to another input (owner.py), resolve the model and the router (fail fast:
-   exit 1 before anything is written; ``--input`` may also name one file, keyed by its name);
+1. refuse a missing input (or an object-store prefix with no objects), an output that is a file,
+   overlapping prefixes and an output prefix that belongs to another input (owner.py), resolve
+   the model and the router (fail fast: exit 1 before anything is written; ``--input`` may also
+   name one file, keyed by its name);
 2. check that the store enforces conditional writes, take the lock on the output prefix, claim the
    output prefix for this input if no input has, register the run in the index (``in_progress``);
    from here on the lock is checked before every write of state and at every progress report, and
