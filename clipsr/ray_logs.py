@@ -45,11 +45,18 @@ class _Quiet:
 
 
 _active: _Quiet | None = None
+_last: str | None = None  # the file of the latest start(), stopped or not
 
 
 def log_path() -> str | None:
     """The file Ray's driver-side output goes to now (None: to the console)."""
     return _active.path if _active else None
+
+
+def last_path() -> str | None:
+    """The file of the latest :func:`start`, also after :func:`stop` (a Ray that failed to start
+    left its reasons there)."""
+    return _last
 
 
 def new_log_path(now: dt.datetime | None = None) -> str:
@@ -61,10 +68,10 @@ def new_log_path(now: dt.datetime | None = None) -> str:
 def start(path: str | None = None) -> str:
     """Send Ray's driver-side output to ``path`` (default: :func:`new_log_path`); returns the path.
     Call before ``ray.init``, so that what Ray prints while starting goes there too."""
-    global _active
+    global _active, _last
     if _active is not None:
         return _active.path
-    path = path or new_log_path()
+    path = _last = path or new_log_path()
     os.makedirs(os.path.dirname(path), exist_ok=True)
     file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115  closed by stop()
     sys.stderr.flush()

@@ -269,7 +269,11 @@ def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str]
 
     from clipsr.enhance import pipeline
 
-    started_here = init_ray(dashboard=False, quiet=not verbose)
+    try:
+        started_here = init_ray(dashboard=False, quiet=not verbose)
+    except Exception:
+        notes.ray_log = None if verbose else ray_logs.last_path()  # why Ray did not start is there
+        raise
     notes.ray_log = ray_log()
     try:
         ray_logs.quiet_data(ray.data.DataContext.get_current(), verbose)
