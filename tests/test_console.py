@@ -110,14 +110,15 @@ def test_the_failure_list_names_the_first_ones_then_counts_the_rest():
     failures.add({"input_key": "raw.cr2", "status": "unsupported", "error": "camera raw: not decoded"})
     failures.add({"input_key": "old.png", "status": "failed", "error": "carried forward from run R: x",
                   "carried_forward": True})
-    failures.add({"input_key": "SOURCES.md", "status": "skipped", "error": "not an image file name (.md): not an input"})
+    failures.add({"input_key": "SOURCES.md", "status": "skipped",
+                  "error": "not an image file name (.md): not an input"})
     failures.add({"input_key": "a.png", "status": "skipped", "error": "unchanged since run R: same size"})
     failures.add({"input_key": "b.png", "status": "ok", "error": None})
     lines = failures.lines("s3://m/run=R/")
     assert lines[0] == f"failed or unsupported ({LIMIT + 6}):"
     named = [line for line in lines if line.startswith("  bad")]
     assert named == [f"  bad{i:02d}.png: empty file (0 bytes)" for i in range(LIMIT)]
-    assert f"  ... and 6 more in the manifest s3://m/run=R/" in lines
+    assert "  ... and 6 more in the manifest s3://m/run=R/" in lines
     assert "1 failed input(s) carried forward unread from earlier runs" in lines[-2]
     assert lines[-1] == "skipped as not inputs (1): SOURCES.md"
     assert FailureList().lines() == []
@@ -245,7 +246,7 @@ def test_registry_show_puts_lineage_and_scores_first_and_sums_up_the_centroid(tm
     text = capsys.readouterr().out
     lines = text.splitlines()
     assert lines[0] == f"{tmp_path}/registry/manga/v1: current; promoted when published: yes"
-    assert len(lines) < 20 and "0.0" not in text.split("centroid")[0][-3:]
+    assert len(lines) == 10 and len(text) < 1500  # the 512 numbers alone take about 10,000 characters as JSON
     assert "  scores        gain_db 0.8, selection_curve [2 values]" in lines
     assert "  exemplars     10: s3://data/manga/000.png ... s3://data/manga/009.png" in lines
     assert "  source model  id cdasr-x4-fedcba987654, spec default-x4, weights_sha256 aaaaaaaaaaaa..." in lines

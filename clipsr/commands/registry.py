@@ -97,7 +97,10 @@ def show_lines(entry: Any, current: int | None) -> list[str]:
     """A version for a person: what it is and where it came from, its scores and settings, then
     the centroid summed up (the 512 numbers are for --json)."""
     doc = entry.doc
-    state = "current" if entry.version == current else f"not current (current: v{current})" if current else "not current"
+    if entry.version == current:
+        state = "current"
+    else:
+        state = f"not current (current: v{current})" if current else "not current (the domain has none)"
     lines = [f"{entry.ref}: {state}; promoted when published: {'yes' if entry.promoted else 'no'}"]
     if doc.get("reason"):
         lines.append(f"  reason        {doc['reason']}")
