@@ -12,7 +12,8 @@ from clipsr.commands import adapt, bench, enhance, evaluate, pretrain, registry,
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipsr", description="Super-resolution of image archives on Ray: "
                                      "enhance, adapt, pretrain, evaluate, report.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and Ray's own output (progress bars, logs) on the console")
     sub = parser.add_subparsers(dest="command", required=True)
     for command in (evaluate, enhance, bench, pretrain, adapt, report, registry):
         command.add_parser(sub)

@@ -42,6 +42,17 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 BUNDLED = {"default": "default-x4", "default-x4": "default-x4", "default-x2": "default-x2"}
 SPANDREL_PREFIX = "spandrel:"
 
+
+def scale_mismatch(meta: dict[str, Any], scale: int, flag: str = "--scale") -> str:
+    """The message for a model asked to run at a scale it was not trained for, with the fix: the
+    bundled model of that scale, when there is one, or the model's own scale."""
+    text = f"model {meta['id']} is a x{meta['scale']} model, but x{scale} was asked for ({flag} {scale})"
+    bundled = f"default-x{scale}"
+    if bundled in BUNDLED:
+        return f"{text}; for x{scale} use --model {bundled} (bundled), or leave out {flag} to run at x{meta['scale']}"
+    return f"{text}; use a x{scale} model, or leave out {flag} to run at x{meta['scale']}"
+
+
 #: A loaded network: clipsr's own, or another architecture's as spandrel builds it.
 Network = CDASR | external.SpandrelNetwork
 
@@ -343,7 +354,7 @@ def load_upscaler(
         return BicubicUpscaler(scale)
     model, meta = load_checkpoint(spec, strength)
     if scale is not None and scale != meta["scale"]:
-        raise CheckpointError(f"model {meta['id']} is a x{meta['scale']} model, but x{scale} was asked for")
+        raise CheckpointError(scale_mismatch(meta, scale))
     encoder = load_encoder_for(meta, clip_weights)
     if isinstance(model, external.SpandrelNetwork):
         return external.SpandrelUpscaler(model, meta, device=device, precision=precision, tile=tile)

@@ -2,8 +2,9 @@
 
 Driven by the job's own counts (images done out of planned, per status), not by Ray's blocks. On a
 terminal the line is rewritten in place at most a few times a second; anywhere else (a log file,
-`ray job submit`'s stream, CI) a full line is printed every ``every_s`` seconds and when the work
-ends, so a log shows progress without a wall of carriage returns.
+`ray job submit`'s stream, CI) a full line is printed every ``every_s`` seconds, each time another
+twentieth of the work is done (so a run of a few images gets a line per image) and when the work
+ends: a log shows progress without a wall of carriage returns.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from collections.abc import Callable, Mapping
 from typing import TextIO
 
 _TTY_EVERY_S = 0.25
+#: A log gets a line at least at every 1/STEPS of the work.
+STEPS = 20
 
 
 def _duration(seconds: float) -> str:
@@ -40,6 +43,7 @@ class Progress:
         self._done, self._counts = 0, {}
         self._width = 0
         self._shown = -1  # images done at the last line written
+        self._step = max(1, -(-total // STEPS))  # images per twentieth, rounded up
 
     def line(self) -> str:
         elapsed = max(self.clock() - self.start, 1e-9)
@@ -56,7 +60,8 @@ class Progress:
     def update(self, done: int, counts: Mapping[str, int]) -> None:
         self._done, self._counts = done, dict(counts)
         now = self.clock()
-        if now - self._last < self.every_s and done < self.total:
+        stepped = not self.live and done // self._step > max(self._shown, 0) // self._step
+        if now - self._last < self.every_s and done < self.total and not stepped:
             return
         self._last = now
         self._emit()

@@ -8,6 +8,12 @@ code revision the driver resolved (workers have no git checkout to find it in).
 Credentials are *not* forwarded: Ray writes a runtime environment's variables into its own log
 files. A local Ray inherits them from the driver's environment; on a cluster they come from the
 workers' own environment (pod secrets, instance roles).
+
+``quiet=True`` (the jobs, unless ``--verbose``) sends Ray's own driver-side output to a log file
+(clipsr.ray_logs) that the job's last lines name, and :func:`shutdown_ray` brings it back. Workers'
+output is then not copied to the driver either (unless ``worker_output``: pretraining's step lines
+come from its workers): it stays in Ray's session logs, which that file names (a failed image or
+domain reaches the console as the job's own failure line).
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import os
 
 import ray
 
+from clipsr import ray_logs
 from clipsr.provenance import REVISION_ENV, code_revision
 
 log = logging.getLogger(__name__)
@@ -40,16 +47,43 @@ def worker_env() -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in job_env}
 
 
-def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> bool:
-    """Connect to Ray; returns True when this call started it (the caller then shuts it down)."""
+def init_ray(num_cpus: int | None = None, dashboard: bool = True, quiet: bool = False,
+             worker_output: bool | None = None) -> bool:
+    """Connect to Ray; returns True when this call started it (the caller then calls
+    :func:`shutdown_ray`). ``quiet``: Ray's own driver-side output goes to :func:`ray_log`.
+    ``worker_output``: print what workers print (default: unless quiet)."""
     if ray.is_initialized():
         return False
+    if quiet:
+        ray_logs.start()
     runtime_env = {"env_vars": worker_env()}
+    to_driver = not quiet if worker_output is None else worker_output
     address = os.environ.get("RAY_ADDRESS")
-    if address:
-        log.info("joining Ray cluster at %s", address)
-        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-        return True
-    log.info("starting a local Ray (set RAY_ADDRESS to use a cluster)")
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env)
+    try:
+        if address:
+            log.info("joining Ray cluster at %s", address)
+            ray.init(address=address, runtime_env=runtime_env, log_to_driver=to_driver)
+        else:
+            log.info("starting a local Ray (set RAY_ADDRESS to use a cluster)")
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env,
+                     log_to_driver=to_driver)
+    except BaseException:
+        ray_logs.stop()
+        raise
+    node = ray._private.worker._global_node
+    if node is not None:
+        ray_logs.note(f"Ray's session logs (raylet, workers, ray-data): {node.get_session_dir_path()}/logs")
     return True
+
+
+def shutdown_ray() -> None:
+    """Stop the Ray this process started, and give Ray's output back to the console."""
+    try:
+        ray.shutdown()
+    finally:
+        ray_logs.stop()
+
+
+def ray_log() -> str | None:
+    """The file Ray's driver-side output goes to (None: the console)."""
+    return ray_logs.log_path()

@@ -117,6 +117,11 @@ def _s3_filesystem(endpoint_url: str | None, env_digest: str, pid: int) -> fsspe
     return s3fs.S3FileSystem(client_kwargs=client_kwargs, skip_instance_cache=True, use_listings_cache=False)
 
 
+def is_local(uri: str) -> bool:
+    """A path or file:// URI on this machine's disks."""
+    return _protocol(uri) in _LOCAL_PROTOCOLS
+
+
 def absolute(uri: str) -> str:
     """Local paths made absolute (workers do not share the driver's working directory)."""
     if _protocol(uri) in _LOCAL_PROTOCOLS:
@@ -281,6 +286,31 @@ def _iter_fsspec(uri: str, recursive: bool) -> Iterator[ObjectInfo]:
             yield ObjectInfo(uri=_child(uri, rel), key=rel, size=int(info.get("size") or 0),
                              etag=str(etag).strip('"') if etag else None,
                              mtime=mtime.timestamp() if hasattr(mtime, "timestamp") else mtime)
+
+
+def file_info(uri: str) -> ObjectInfo | None:
+    """The object ``uri`` names, as a listing of its parent would give it (``key``: its name);
+    None when ``uri`` is a folder, a prefix or nothing (a URI ending in '/' is always a prefix)."""
+    if uri.endswith("/"):
+        return None
+    if _protocol(uri) in _LOCAL_PROTOCOLS:
+        path = _local_path(uri)
+        if not os.path.isfile(path):
+            return None
+        st = os.stat(path)
+        return ObjectInfo(uri=uri, key=os.path.basename(path), size=st.st_size, etag=None, mtime=st.st_mtime)
+    fs, path = filesystem(uri)
+    try:
+        info = retry(lambda: fs.info(path))
+    except FileNotFoundError:
+        return None
+    if info.get("type") != "file":
+        return None
+    etag = info.get("ETag") or info.get("etag")
+    mtime = info.get("LastModified") or info.get("mtime")
+    return ObjectInfo(uri=uri, key=posixpath.basename(path), size=int(info.get("size") or 0),
+                      etag=str(etag).strip('"') if etag else None,
+                      mtime=mtime.timestamp() if hasattr(mtime, "timestamp") else mtime)
 
 
 def list_images(uri: str, recursive: bool = True) -> list[str]:

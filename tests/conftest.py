@@ -1,5 +1,10 @@
-"""Shared fixtures: a real S3 HTTP API on loopback (moto's server), a fresh bucket per test, and a
-real HTTP proxy in front of it that misbehaves on demand."""
+"""Shared fixtures: a real S3 HTTP API on loopback (moto's server), a fresh bucket per test, a
+real HTTP proxy in front of it that misbehaves on demand, and the benchmark data's location.
+
+Benchmark data (Set5, Set14, Urban100... as ``val/``, ``domains/``, ``source/``) is looked for in
+``$CLIPSR_DATA``, by default ``../shared/data`` next to the checkout. A test that needs it skips,
+saying where it looked, unless ``CLIPSR_REQUIRE_DATA=1`` (set by ``.ci/run``): then it fails.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +12,37 @@ import http.client
 import os
 import threading
 import uuid
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
+
+DATA_ENV, REQUIRE_DATA_ENV = "CLIPSR_DATA", "CLIPSR_REQUIRE_DATA"
+
+
+def data_root() -> Path:
+    """Where the benchmark data is looked for."""
+    return Path(os.environ.get(DATA_ENV) or Path(__file__).resolve().parents[2] / "shared" / "data")
+
+
+@pytest.fixture
+def bench_data() -> Callable[..., Path]:
+    """``bench_data("val", "set5")``: that folder of the benchmark data; a skip naming where it was
+    looked for when it is not there, or a failure when CLIPSR_REQUIRE_DATA=1."""
+
+    def need(*parts: str) -> Path:
+        path = data_root().joinpath(*parts)
+        if not path.is_dir():
+            message = (f"benchmark data not found: {path} (set {DATA_ENV} to the folder that holds "
+                       "val/, domains/ and source/)")
+            if os.environ.get(REQUIRE_DATA_ENV) == "1":
+                pytest.fail(f"{message}; {REQUIRE_DATA_ENV}=1 makes this a failure")
+            pytest.skip(message)
+        return path
+
+    return need
 
 
 @pytest.fixture(scope="session")

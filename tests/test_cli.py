@@ -13,8 +13,6 @@ from clipsr.cli import main
 from clipsr.clip import TINY_ARCH, ClipEncoder
 from clipsr.factory import create_model, save_checkpoint
 
-VAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "val"
-
 # Published bicubic Y-PSNR (BasicSR / SAFMN / SwinIR tables).
 PUBLISHED = {2: {"set5": 33.66, "set14": 30.24}, 4: {"set5": 28.42, "set14": 26.00}}
 
@@ -42,13 +40,11 @@ def _evaluate(capsys, report: Path, *extra: str, model: str = "bicubic", scale: 
     return _run(capsys, "evaluate", "--model", model, "--scale", str(scale), "--report", str(report), *extra)
 
 
-@pytest.mark.skipif(not (VAL / "set5").is_dir() or not (VAL / "set14").is_dir(),
-                    reason="shared benchmark data not present")
 @pytest.mark.parametrize("scale", [2, 4])
-def test_bicubic_reproduces_published_baselines(tmp_path, capsys, scale):
+def test_bicubic_reproduces_published_baselines(tmp_path, capsys, scale, bench_data):
+    set5, set14 = bench_data("val", "set5"), bench_data("val", "set14")
     out_json = tmp_path / "report.json"
-    code, out, _ = _evaluate(capsys, out_json, "--data", f"set5={VAL / 'set5'}",
-                             "--data", f"set14={VAL / 'set14'}", scale=scale)
+    code, out, _ = _evaluate(capsys, out_json, "--data", f"set5={set5}", "--data", f"set14={set14}", scale=scale)
     assert code == 0
     report = json.loads(out_json.read_text())
     assert report["model"] == {"id": "bicubic", "params": 0, "scale": scale, "clip_encoder": None}
@@ -57,7 +53,7 @@ def test_bicubic_reproduces_published_baselines(tmp_path, capsys, scale):
         assert abs(d["psnr_y"] - published) < 0.05, (name, scale, d["psnr_y"])
         assert d["failed"] == 0 and 0 < d["ssim_y"] < 1 and d["psnr_rgb"] < d["psnr_y"]
         rows = [r for r in report["images"] if r["dataset"] == name]
-        assert len(rows) == d["images"] == len(list((VAL / name).glob("*.png")))
+        assert len(rows) == d["images"] == len(list({"set5": set5, "set14": set14}[name].glob("*.png")))
         assert d["psnr_y"] == pytest.approx(np.mean([r["psnr_y"] for r in rows]))
         assert f"{d['psnr_y']:.3f}" in out  # the printed table carries the same means
     assert any(r["channels"] == 1 for r in report["images"]), "Set14's grey image goes through the grey rule"

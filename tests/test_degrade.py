@@ -1,5 +1,3 @@
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -13,7 +11,6 @@ from clipsr.degrade import (
     upscale_bicubic,
 )
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # cubic(x) with a = -0.5 at |x| = 0.25, 0.75, 1.25, 1.75 (worked out by hand from Keys' formula)
 C025, C075, C125, C175 = 0.8671875, 0.2265625, -0.0703125, -0.0234375
@@ -182,18 +179,17 @@ def test_upscale_bicubic():
     np.testing.assert_array_equal(upscale_bicubic(flat, 2), 200)
 
 
-@pytest.mark.skipif(not (DATA / "val").is_dir(), reason="benchmark data not available")
 @pytest.mark.parametrize(
     "folder, scale, published",
     [("set5", 4, 28.42), ("set14", 4, 26.00), ("set5", 2, 33.66), ("set14", 2, 30.24)],
 )
-def test_reproduces_published_bicubic_baselines(folder, scale, published):
+def test_reproduces_published_bicubic_baselines(folder, scale, published, bench_data):
     from PIL import Image
 
     from clipsr.metrics import psnr
 
     scores = []
-    for path in sorted((DATA / "val" / folder).glob("*.png")):
+    for path in sorted(bench_data("val", folder).glob("*.png")):
         with Image.open(path) as im:
             arr = np.asarray(im)  # RGB stays RGB; bridge.png (mode L) stays one channel
         hr = modcrop(arr if arr.ndim == 3 else arr[..., None], scale)

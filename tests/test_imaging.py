@@ -16,7 +16,6 @@ from PIL import Image, ImageCms, ImageOps
 from clipsr import imaging
 from clipsr.imaging import ImageDecodeError, decode, encode
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 RNG = np.random.default_rng(1234)
 
 
@@ -541,9 +540,8 @@ def test_to_uint8_and_uint16_round_then_clip():
     np.testing.assert_array_equal(imaging.to_uint16(np.array([-1.0, 1.0, 7.0])), [0, 65535, 65535])
 
 
-@pytest.mark.skipif(not (DATA / "val" / "set14").is_dir(), reason="benchmark data not present")
-def test_benchmark_images_load_like_pillow():
-    for path in sorted((DATA / "val" / "set14").glob("*.png")):
+def test_benchmark_images_load_like_pillow(bench_data):
+    for path in sorted(bench_data("val", "set14").glob("*.png")):
         data = path.read_bytes()
         out = imaging.load_rgb_or_grey_uint8(data)
         with Image.open(path) as im:

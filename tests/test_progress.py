@@ -19,17 +19,42 @@ class _Terminal(io.StringIO):
         return True
 
 
-def test_a_log_gets_a_full_line_every_interval_and_at_the_end():
+def test_a_log_gets_a_full_line_every_interval():
     out, clock = io.StringIO(), _Clock()
-    bar = Progress("clipsr enhance", 100, stream=out, every_s=10, clock=clock)
+    bar = Progress("clipsr enhance", 10_000, stream=out, every_s=10, clock=clock)
     for done in range(1, 101):
-        clock.now = done * 0.5  # two images a second
+        clock.now = done * 0.5  # two images a second, far from a twentieth of the work (500 images)
         bar.update(done, {"ok": done - done // 10, "failed": done // 10})
     bar.close()
     lines = out.getvalue().splitlines()
-    assert len(lines) == 5 and "\r" not in out.getvalue()  # at 10, 20, 30, 40 s and the end (50 s), once each
-    assert lines[0] == "clipsr enhance: 20/100 images (20%), ok 18, failed 2, 2.00 images/s, about 40s left"
-    assert lines[-1] == "clipsr enhance: 100/100 images (100%), ok 90, failed 10, 2.00 images/s"
+    assert len(lines) == 5 and "\r" not in out.getvalue()  # at 10, 20, 30, 40 and 50 s; close() adds none
+    assert lines[0] == "clipsr enhance: 20/10000 images (0%), ok 18, failed 2, 2.00 images/s, about 1h23m left"
+    assert lines[-1].startswith("clipsr enhance: 100/10000 images (1%), ok 90, failed 10, 2.00 images/s")
+
+
+def test_a_log_gets_a_line_at_every_twentieth_of_the_work():
+    out, clock = io.StringIO(), _Clock()
+    bar = Progress("clipsr enhance", 100, stream=out, every_s=10, clock=clock)
+    for done in range(1, 101):
+        clock.now = done * 0.01  # fast: the interval never passes
+        bar.update(done, {"ok": done})
+    bar.close()
+    lines = out.getvalue().splitlines()
+    assert [line.split(" ", 3)[2] for line in lines] == [f"{n}/100" for n in range(5, 101, 5)]
+
+
+def test_a_log_of_a_few_images_gets_a_line_per_image():
+    out, clock = io.StringIO(), _Clock()
+    bar = Progress("clipsr enhance", 3, stream=out, every_s=10, clock=clock)
+    for done, counts in ((1, {"ok": 1}), (2, {"ok": 1, "failed": 1}), (3, {"ok": 2, "failed": 1})):
+        clock.now += 1
+        bar.update(done, counts)
+    bar.close()
+    assert out.getvalue().splitlines() == [
+        "clipsr enhance: 1/3 images (33%), ok 1, 1.00 images/s, about 2s left",
+        "clipsr enhance: 2/3 images (67%), ok 1, failed 1, 1.00 images/s, about 1s left",
+        "clipsr enhance: 3/3 images (100%), ok 2, failed 1, 1.00 images/s",
+    ]
 
 
 def test_a_terminal_gets_one_line_rewritten_in_place():

@@ -349,6 +349,8 @@ def test_registry_command_lists_shows_and_rolls_back(tmp_path, capsys):
     assert [row.startswith("*") for row in rows] == [True, False]
 
     assert main(["registry", "show", f"{reg.uri}/manga"]) == 0
+    assert capsys.readouterr().out.startswith(f"{reg.uri}/manga/v1: current;")
+    assert main(["registry", "show", f"{reg.uri}/manga", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["version"] == 1
 
     assert main(["registry", "set-current", f"{reg.uri}/manga"]) == 1  # which version? never guessed

@@ -14,7 +14,6 @@ from fsspec.implementations.local import LocalFileSystem
 from clipsr import storage
 from clipsr.storage import NoImagesError, UnsafeKeyError
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 NAMES = ["a.png", "B.png", "img_10.png", "img_2.png", "Z.JPG", "sub/c.jpg", "sub/deeper/d.tiff", "é.webp"]
 IGNORED = [".DS_Store", ".hidden.png", ".cache/x.png", "notes.txt", "scan.psd", "sub/README"]
@@ -68,9 +67,8 @@ def test_iter_objects_streams_entries_with_size_and_mtime(tmp_path):
     assert entries["a.png"].uri == f"{tmp_path}/a.png"
 
 
-@pytest.mark.skipif(not (DATA / "domains" / "urban100").is_dir(), reason="benchmark data not present")
-def test_benchmark_shots_are_the_first_ten_in_sorted_order():
-    found = storage.list_images(str(DATA / "domains" / "urban100"))
+def test_benchmark_shots_are_the_first_ten_in_sorted_order(bench_data):
+    found = storage.list_images(str(bench_data("domains", "urban100")))
     assert [u.rsplit("/", 1)[1].split(".")[0] for u in found[:10]] == [f"img_{i:03d}" for i in range(1, 11)]
 
 

@@ -35,6 +35,15 @@ def usage_errors_exit_1(p: argparse.ArgumentParser) -> None:
     p.error = usage_error
 
 
+def add_verbose(p: argparse.ArgumentParser) -> None:
+    """``--verbose`` after the subcommand too (``clipsr enhance ... --verbose``, and the jobs/ entry
+    points, which only pass the subcommand's arguments). SUPPRESS: absent here, ``clipsr -v``
+    before the subcommand still counts."""
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="debug logging, and Ray's own output (its progress bars and logs) on the console "
+                        "instead of in the log file the summary names")
+
+
 def scope_at_lr(text: str) -> tuple[str, float]:
     scope, sep, lr = text.partition("@")
     scopes = ("adaptive", "adaptive+bias", "all")

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from clipsr.adapt.settings import AdaptSettings
-from clipsr.commands._args import positive_int, scope_at_lr, usage_errors_exit_1
+from clipsr.commands._args import add_verbose, positive_int, scope_at_lr, usage_errors_exit_1
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -33,13 +33,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="each training patch is the most textured of this many random positions")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=AdaptSettings.precision,
                    help="training arithmetic (auto: bf16 on CPUs with AVX-512 BF16, else fp32)")
-    p.add_argument("--cpus-per-domain", type=float, default=2.0)
+    p.add_argument("--cpus-per-domain", type=float, default=2.0,
+                   help="CPUs each domain's Ray task holds, and its torch threads (default 2)")
     p.add_argument("--gpus-per-domain", type=float, default=0.0, help="> 0: each domain trains on a GPU")
     p.add_argument("--routing-encoder", default="color-stats",
                    help="encoder for domain centroids: color-stats (no semantic prior) or a CLIP arch")
     p.add_argument("--routing-encoder-weights", help="weights file/URI for a CLIP routing encoder")
     p.add_argument("--report", help="report path/URI without extension (default REGISTRY/_reports/<time>)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the patch sampling and training (default 0)")
+    add_verbose(p)
     usage_errors_exit_1(p)
     p.set_defaults(func=_run)
 
@@ -50,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     from clipsr.adapt.settings import AdaptSettings
     from clipsr.adapt.spec import DomainSpec, load_specs
     from clipsr.provenance import utc_now
-    from clipsr.ray_runtime import init_ray
+    from clipsr.ray_runtime import init_ray, ray_log
 
     specs = [DomainSpec.shorthand(d, args.shots, args.scale) for d in args.domain]
     if args.spec:
@@ -63,7 +65,7 @@ def _run(args: argparse.Namespace) -> int:
         settings = dataclasses.replace(settings, candidates=tuple(args.candidate))
     encoder = {"arch": args.routing_encoder, "weights": args.routing_encoder_weights, "seed": 0}
     out = storage.absolute(args.out)
-    init_ray()
+    init_ray(quiet=not args.verbose)
     print(f"adapting {len(specs)} domain(s) from {args.source_model} into {out}", file=sys.stderr, flush=True)
 
     def done(row: dict[str, Any]) -> None:
@@ -76,5 +78,6 @@ def _run(args: argparse.Namespace) -> int:
     json_uri, _ = write_report(rows, base)
     print(format_report(rows))
     failed = sum(r["status"] != "ok" for r in rows)
-    print(f"adapt: {len(rows) - failed} ok, {failed} failed; report {json_uri}")
+    ray_note = f"; Ray's log: {ray_log()}" if ray_log() else ""
+    print(f"adapt: {len(rows) - failed} ok, {failed} failed; report {json_uri}{ray_note}")
     return 2 if failed else 0

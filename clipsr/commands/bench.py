@@ -46,7 +46,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q = benches.add_parser("curve", help="plot a pretraining run's loss and validation PSNR from its log")
     q.add_argument("--log", required=True, help="the log of a `clipsr pretrain` run")
     q.add_argument("--out", required=True, help="PNG to write")
-    q.add_argument("--title", default="clipsr pretrain")
+    q.add_argument("--title", default="clipsr pretrain", help="the plot's title (default: clipsr pretrain)")
     q.set_defaults(func=_run_bench_curve)
 
 
@@ -101,11 +101,11 @@ def _add_bench_train(benches: argparse._SubParsersAction) -> None:
     q.add_argument("--data", action="append", required=True, metavar="DIR", help="HR image folder (repeat)")
     q.add_argument("--workers", type=positive_int, action="append", help="worker counts (default: 1 and 2)")
     q.add_argument("--cpus", type=float, default=2.0, help="total CPUs shared by the workers")
-    q.add_argument("--steps", type=positive_int, default=60)
-    q.add_argument("--arch", default="cdasr-lite")
-    q.add_argument("--scale", type=int, default=4)
+    q.add_argument("--steps", type=positive_int, default=60, help="training steps timed per worker count")
+    q.add_argument("--arch", default="cdasr-lite", help="architecture trained (default cdasr-lite)")
+    q.add_argument("--scale", type=int, default=4, help="upscaling factor (default 4)")
     q.add_argument("--batch", type=positive_int, default=16, help="patches per worker per step")
-    q.add_argument("--lr-patch", type=positive_int, default=48)
+    q.add_argument("--lr-patch", type=positive_int, default=48, help="side of the LR training patches in pixels")
     add_out(q, "docs/bench/train.json")
     q.set_defaults(func=_run_bench_train)
 
@@ -166,9 +166,10 @@ def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
         "adapt",
         help="adaptation gain on unseen images: source vs adapted vs fine-tuned, same time budget",
     )
-    q.add_argument("--source-model", default="default")
-    q.add_argument("--data", type=name_eq_uri, action="append", required=True, metavar="NAME=DIR")
-    q.add_argument("--shots", type=positive_int, default=10)
+    q.add_argument("--source-model", default="default", help="model spec to adapt (default: the bundled model)")
+    q.add_argument("--data", type=name_eq_uri, action="append", required=True, metavar="NAME=DIR",
+                   help="a domain's HR images: the first --shots adapt, the rest score (repeat)")
+    q.add_argument("--shots", type=positive_int, default=10, help="exemplars per domain (default 10)")
     q.add_argument("--budget-seconds", type=float, default=270.0, help="adaptation's time budget per domain")
     q.add_argument("--patch-tries", type=positive_int, default=AdaptSettings.patch_tries,
                    help="adaptation: each patch the most textured of this many positions")
@@ -179,7 +180,7 @@ def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
                    help="training arithmetic of both (auto: bf16 on CPUs with AVX-512 BF16, else fp32)")
     q.add_argument("--finetune-lr", type=float, default=3e-4,
                    help="learning rate of the plain fine-tuning baseline (0: leave the baseline out)")
-    q.add_argument("--threads", type=positive_int, default=2)
+    q.add_argument("--threads", type=positive_int, default=2, help="torch threads of both trainings (default 2)")
     q.add_argument("--seed", type=int, default=0, help="seed of both trainings (patches, initial state)")
     add_out(q, "docs/bench/adapt.json")
     q.set_defaults(func=_run_bench_adapt)
@@ -207,7 +208,7 @@ def _add_bench_enhance(benches: argparse._SubParsersAction) -> None:
     )
     q.add_argument("--images", type=positive_int, default=200, help="number of synthetic inputs")
     q.add_argument("--size", type=positive_int, default=256, help="side of the square LR inputs in pixels")
-    q.add_argument("--scale", type=int, default=4)
+    q.add_argument("--scale", type=int, default=4, help="upscaling factor (default 4)")
     q.add_argument("--model", help="model spec (default: random weights of --arch)")
     q.add_argument("--arch", default="cdasr-lite", help="architecture for random weights when --model is not given")
     q.add_argument("--threads", type=positive_int, default=1, help="torch threads, for the loop and each actor")

@@ -26,7 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--strength", type=float, metavar="S",
                    help="an adapted model with its weights moved only S (0 to 1) of the way from its source "
                         "model's, as clipsr enhance --strength")
-    p.add_argument("--device", default="cpu", help="where the model runs: cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device the model runs on: cpu (default), cuda, or cuda:N for one GPU of several")
     p.add_argument("--jpeg", type=int, metavar="Q",
                    help="save each protocol LR as a JPEG at quality Q (1-100) before upscaling, as archives "
                         "store images; bicubic is scored on the same input")

@@ -50,11 +50,19 @@ class RunLayout:
     run_id: str
 
     @classmethod
-    def create(cls, input_uri: str, output_uri: str, manifest_uri: str | None, run_id: str) -> "RunLayout":
+    def create(cls, input_uri: str, output_uri: str, manifest_uri: str | None, run_id: str,
+               single_file: str | None = None) -> "RunLayout":
+        """``single_file``: the one file of ``input_uri`` that is listed (``--input`` named a file).
+        Nothing else of that folder is read, so only an output prefix that is the folder itself
+        is refused: the output would replace the input."""
         inp, out = _prefix(input_uri), _prefix(output_uri)
         man = _prefix(manifest_uri) if manifest_uri else f"{out}/_manifests"
-        _refuse_overlap("--output", out, inp)
-        _refuse_overlap("--manifest", man, inp)
+        if single_file is None:
+            _refuse_overlap("--output", out, inp)
+            _refuse_overlap("--manifest", man, inp)
+        elif out == inp:
+            raise ValueError(f"--output {out} is the folder of --input {inp}/{single_file}, so the output would "
+                             "replace the input; choose another --output")
         return cls(input=inp, output=out, manifest=man, run_id=run_id)
 
     @property

@@ -4,6 +4,7 @@ functions: the rules the manifest's failed, skipped and unsupported rows come fr
 """
 from __future__ import annotations
 
+import os
 import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -87,6 +88,41 @@ def classify_key(key: str, fmt: str | None = None, size: int | None = None,
         return KeyDecision("too_large", None, f"input too large: {size:,} bytes listed, more than "
                                               f"--max-input-bytes={max_bytes:,}; not read")
     return KeyDecision("candidate", out, None)
+
+
+@dataclass(frozen=True)
+class InputSource:
+    """What ``--input`` names: a folder or prefix (``file`` None), or one file (``file``: its listing
+    entry, key = its name), whose parent is then the prefix outputs are keyed against."""
+    prefix: str
+    file: storage.ObjectInfo | None = None
+
+
+def resolve_input(uri: str) -> InputSource:
+    """A file, a folder, or an object-store prefix with at least one object below it (an empty
+    prefix cannot be told from a mistyped one); anything else is refused here, before the run
+    writes anything."""
+    uri = storage.absolute(uri)
+    single = storage.file_info(uri)
+    if single is not None:
+        return InputSource(prefix=posixpath.dirname(uri), file=single)
+    if storage.is_local(uri):
+        found = os.path.isdir(uri)  # an empty folder is a run with nothing to do
+    else:
+        try:
+            found = next(iter(storage.iter_objects(uri)), None) is not None
+        except FileNotFoundError:
+            found = False
+    if not found:
+        raise FileNotFoundError(f"--input {uri}: no such file, and no files below it; give an image file, "
+                                "a folder or an s3:// prefix that holds the images")
+    return InputSource(prefix=uri)
+
+
+def refuse_file(uri: str | None, flag: str) -> None:
+    """``--output`` and ``--manifest`` are folders or prefixes: a file there is refused by name."""
+    if uri is not None and storage.file_info(storage.absolute(uri)) is not None:
+        raise ValueError(f"{flag} {uri} is a file; give a folder (created if missing) or an s3:// prefix")
 
 
 def iter_inputs(input_uri: str, excluded_prefixes: list[str], limit: int | None = None

@@ -136,9 +136,9 @@ def build_dataset(plan_parts: list[str], res: Resources, env: dict[str, str], ma
     # one task working through a whole plan part. A repartition would do it in a task of a whole
     # CPU, which a cluster of small nodes, each holding an actor, never has free: the job hangs.
     ds.context.target_max_block_size = PLAN_BLOCK_BYTES
-    # The least busy actor takes the next image, wherever its input was decoded: with locality on,
-    # a node's actor takes every image decoded there while it keeps up, and the others idle.
-    ds.context.execution_options.actor_locality_enabled = False
+    # Which actor takes the next image is Ray Data's own choice (Ray 2.60 deprecated the switch
+    # that turned actor locality off): an actor on the node that holds the decoded image while it
+    # has a free slot (two tasks in flight), else the least busy actor.
     # Start when the pool's first actors are all up, not when the fastest is: otherwise a short run
     # is done by the first actor before the others have loaded torch.
     ds.context.wait_for_min_actors_s = ACTOR_START_S

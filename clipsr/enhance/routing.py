@@ -113,12 +113,12 @@ def resolve_model(spec: str, scale: int | None) -> ModelRef:
         if scale is None:
             raise ValueError("--model bicubic needs --scale")
         return ModelRef(spec="bicubic", id="bicubic", scale=scale)
-    from clipsr.factory import read_model_metadata  # imports torch: kept out of the light task workers
+    from clipsr.factory import read_model_metadata, scale_mismatch  # imports torch: kept out of the light task workers
     from clipsr.models.checkpoint import CheckpointError
 
     meta = read_model_metadata(spec)
     if scale is not None and scale != meta["scale"]:
-        raise CheckpointError(f"model {meta['id']} is a x{meta['scale']} model, but --scale {scale} was asked for")
+        raise CheckpointError(scale_mismatch(meta, scale))
     return ModelRef(spec=spec, id=meta["id"], scale=int(meta["scale"]),
                     clip_encoder=describe_encoder(meta.get("clip_encoder")), adapted=meta.get("parent") is not None)
 
