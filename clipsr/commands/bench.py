@@ -40,7 +40,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=_run_bench_gpu)
     q = benches.add_parser("jpeg", help="JPEG quality read from headers, and the blind estimate's blockiness per quality")
     q.add_argument("--data", action="append", required=True, metavar="DIR", help="HR image folder (repeat)")
-    q.add_argument("--scale", type=int, default=4)
+    q.add_argument("--scale", type=int, default=4, help="downscale factor of the protocol LR (default 4)")
     add_out(q, "docs/bench/jpeg.json")
     q.set_defaults(func=_run_bench_jpeg)
     q = benches.add_parser("curve", help="plot a pretraining run's loss and validation PSNR from its log")
