@@ -24,9 +24,11 @@ BUNDLED_JPEG_MODELS = {"default": "default-x4-jpeg", "default-x4": "default-x4-j
 
 @dataclass(frozen=True)
 class JpegPair:
+    id: str  # the pair's model id (what the index and manifest's model_id hold)
     clean: str  # model spec for clean inputs
     jpeg: str  # model spec for JPEG inputs
     below: int  # inputs of this JPEG quality or lower go to ``jpeg``
+    ids: dict[str, str]  # model spec -> the id the run was planned with
 
     def choose(self, quality: int | None) -> str:
         return self.jpeg if quality is not None and quality <= self.below else self.clean
@@ -45,9 +47,10 @@ def pair_ref(clean: ModelRef, jpeg: ModelRef, below: int) -> ModelRef:
         raise ValueError("--jpeg-model and --model use different CLIP encoders; they cannot share a run")
     if not 1 <= below <= 100:
         raise ValueError(f"--jpeg-below takes a quality in 1..100, got {below}")
-    spec = PREFIX + json.dumps({"clean": clean.spec, "jpeg": jpeg.spec, "below": below}, sort_keys=True)
-    digest = hashlib.sha256(f"{clean.id}|{jpeg.id}|{below}".encode()).hexdigest()[:12]
-    return replace(clean, spec=spec, id=f"jpeg-pair-{digest}")
+    pair_id = "jpeg-pair-" + hashlib.sha256(f"{clean.id}|{jpeg.id}|{below}".encode()).hexdigest()[:12]
+    spec = PREFIX + json.dumps({"id": pair_id, "clean": clean.spec, "jpeg": jpeg.spec, "below": below,
+                                "ids": {clean.spec: clean.id, jpeg.spec: jpeg.id}}, sort_keys=True)
+    return replace(clean, spec=spec, id=pair_id)
 
 
 def parse(spec: str) -> JpegPair | None:
@@ -55,4 +58,4 @@ def parse(spec: str) -> JpegPair | None:
     if not spec.startswith(PREFIX):
         return None
     data = json.loads(spec[len(PREFIX):])
-    return JpegPair(clean=data["clean"], jpeg=data["jpeg"], below=int(data["below"]))
+    return JpegPair(id=data["id"], clean=data["clean"], jpeg=data["jpeg"], below=int(data["below"]), ids=data["ids"])
