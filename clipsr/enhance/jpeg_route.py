@@ -1,7 +1,8 @@
 """JPEG inputs to a model trained on JPEG-compressed LR; clean inputs to the clean model.
 
-The bundled x4 model was trained on clean bicubic downscales and sharpens JPEG artefacts; the
-bundled ``default-x4-jpeg`` was trained on LR that went through JPEG (configs/default-x4-jpeg.yaml).
+The bundled x4 model was trained on clean bicubic downscales and sharpens JPEG artefacts; a model
+trained on LR that went through JPEG (``data.degradation`` in a pretraining config, as in
+configs/default-x4-jpeg.yaml) serves those inputs better.
 The decode stage reads each input's JPEG quality from its quantisation tables (or estimates it for
 a non-JPEG that shows a JPEG grid, :mod:`clipsr.jpeg`); an input at or below ``below`` goes to the
 JPEG model. The planner treats the pair as one model, whose id names both networks and the
@@ -18,9 +19,6 @@ from clipsr.enhance.routing import ModelRef
 
 PREFIX = "jpeg-pair:"
 
-#: The bundled clean model and the bundled model for JPEG inputs of the same scale.
-BUNDLED_JPEG_MODELS = {"default": "default-x4-jpeg", "default-x4": "default-x4-jpeg"}
-
 
 @dataclass(frozen=True)
 class JpegPair:
@@ -32,11 +30,6 @@ class JpegPair:
 
     def choose(self, quality: int | None) -> str:
         return self.jpeg if quality is not None and quality <= self.below else self.clean
-
-
-def default_jpeg_model(model_spec: str) -> str | None:
-    """The JPEG model ``--jpeg-model auto`` pairs with ``model_spec`` (None: no pair)."""
-    return BUNDLED_JPEG_MODELS.get(model_spec)
 
 
 def pair_ref(clean: ModelRef, jpeg: ModelRef, below: int) -> ModelRef:

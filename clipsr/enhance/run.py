@@ -148,20 +148,19 @@ def _source_model(opts: EnhanceOptions) -> tuple[ModelRef, float | None]:
     if opts.scale is not None and model.scale != opts.scale:
         log.info("--scale %d: %s is a x%d model; --outscale %g sets the output size", opts.scale, model.id,
                  model.scale, opts.outscale)
-    model = _with_jpeg_model(model, spec, opts)
+    model = _with_jpeg_model(model, opts)
     if any(x is not None for x in (opts.route, opts.route_map, opts.domain)):
         return model, opts.strength
     return at_strength(model, opts.strength), None
 
 
-def _with_jpeg_model(model: ModelRef, spec: str, opts: EnhanceOptions) -> ModelRef:
+def _with_jpeg_model(model: ModelRef, opts: EnhanceOptions) -> ModelRef:
     """``--model`` paired with ``--jpeg-model`` (:mod:`clipsr.enhance.jpeg_route`), or as it is."""
-    jpeg_spec = jpeg_route.default_jpeg_model(opts.model) if opts.jpeg_model == "auto" else opts.jpeg_model
-    if jpeg_spec in (None, "none"):
+    if opts.jpeg_model is None:
         return model
     if opts.strength != 1.0 and not model.adapted:
         return model  # --strength refuses a plain model below 1 with its own message
-    return jpeg_route.pair_ref(model, resolve_model(_absolute_spec(jpeg_spec), None), opts.jpeg_below)
+    return jpeg_route.pair_ref(model, resolve_model(_absolute_spec(opts.jpeg_model), None), opts.jpeg_below)
 
 
 def one_line(exc: BaseException) -> str:
