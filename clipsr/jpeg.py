@@ -87,7 +87,9 @@ def blockiness(image: np.ndarray) -> float:
     an image's own edges rarely line up with a period of 8 in both.
     """
     img = np.asarray(image, dtype=np.float64)
-    y = img if img.ndim == 2 else img[..., :3] @ np.array([0.299, 0.587, 0.114])
+    if img.ndim == 3:
+        img = img[..., :3] @ np.array([0.299, 0.587, 0.114]) if img.shape[2] >= 3 else img[..., 0]
+    y = img
     if min(y.shape) < 32:
         return 1.0
     dx = np.abs(np.diff(y, axis=1)).mean(axis=0)  # step between column i and i+1

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from clipsr import imaging, storage
+from clipsr.jpeg import blind_quality, read_quality
 from clipsr.enhance import rows as R
 from clipsr.enhance.encoder import lossless_input
 from clipsr.enhance.isolate import ChildDied, Isolated
@@ -71,13 +72,17 @@ def decode_pixels(data: bytes, max_pixels: int, scale: int, outscale: float | No
     decoded = imaging.decode(data, max_pixels=max_pixels)
     size = output_size(decoded.height, decoded.width, scale, outscale, max_long_edge)
     quantise = imaging.to_uint16 if decoded.bit_depth == 16 else imaging.to_uint8
+    quality, source = read_quality(data), "tables"
+    if quality is None and decoded.bit_depth == 8:
+        quality, source = blind_quality(decoded.pixels), "blind"
     return {"input_format": decoded.format, "input_mode": decoded.mode, "input_bit_depth": decoded.bit_depth,
             "input_width": decoded.width, "input_height": decoded.height,
             "icc_profile": decoded.icc_profile, "exif": decoded.exif, "notes": decoded.notes,
             "lr": R.pack(quantise(decoded.pixels)),
             "alpha": None if decoded.alpha is None else R.pack(quantise(decoded.alpha)),
             "sharpness_bicubic": bicubic_sharpness(decoded.pixels, size),
-            "input_lossless": lossless_input(data, decoded.format)}
+            "input_lossless": lossless_input(data, decoded.format),
+            "input_jpeg_quality": quality, "input_jpeg_quality_source": None if quality is None else source}
 
 
 def _too_many_pixels(reason: str, scale: float, max_output_pixels: int) -> str:

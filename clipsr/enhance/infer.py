@@ -22,6 +22,7 @@ import pyarrow as pa
 import torch
 
 from clipsr import imaging
+from clipsr.enhance import jpeg_route
 from clipsr.enhance import rows as R
 from clipsr.enhance.decode import to_float
 from clipsr.enhance.routing import AUTO_PREFIX, DEFAULT_DOMAIN, AutoChooser, pack_embedding
@@ -98,15 +99,23 @@ class InferStage:
         spec = self._route_auto(row, lr) if auto else row["model_spec"]
         if auto and row["domain"] == DEFAULT_DOMAIN:  # --strength tones down domain models, not the source
             row["strength"] = None
+        pair = jpeg_route.parse(spec)
+        if pair is not None:  # JPEG inputs to the JPEG model, by the quality the decode stage read
+            spec = pair.choose(row["input_jpeg_quality"])
         up = self.upscaler(spec, int(row["scale"]), row["strength"])
-        if auto:  # the row records the model that ran; the index compares it with the next run's route
-            row["model_id"] = up.describe()["id"]
+        ran = up.describe()["id"]
+        if pair is not None:
+            planned, row["model_id"] = pair.ids[spec], pair.id
+        elif auto:  # the row records the model that ran; the index compares it with the next run's route
+            planned = row["model_id"] = ran
             row["strength"] = getattr(up, "meta", {}).get("strength")
-            R.add_note(row, f"routed to {row['model_id']}")
-        elif up.describe()["id"] != row["model_id"]:
-            R.fail(row, f"model {row['model_spec']} is now {up.describe()['id']}, not the {row['model_id']} "
-                        "the run was planned with; rerun")
+            R.add_note(row, f"routed to {ran}")
+        else:
+            planned = row["model_id"]
+        if ran != planned:
+            R.fail(row, f"model {spec} is now {ran}, not the {planned} the run was planned with; rerun")
             return None
+        row["model_ran"] = ran
         return up, lr
 
     def _timed(self, run: Callable[[], Any], limit: float) -> tuple[Any, float]:

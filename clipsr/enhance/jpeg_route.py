@@ -1,7 +1,8 @@
 """JPEG inputs to a model trained on JPEG-compressed LR; clean inputs to the clean model.
 
-The bundled x4 model was trained on clean bicubic downscales and sharpens JPEG artefacts; the
-bundled ``default-x4-jpeg`` was trained on LR that went through JPEG (configs/default-x4-jpeg.yaml).
+The bundled x4 model was trained on clean bicubic downscales and sharpens JPEG artefacts; a model
+trained on LR that went through JPEG (``data.degradation`` in a pretraining config, as in
+configs/default-x4-jpeg.yaml) serves those inputs better.
 The decode stage reads each input's JPEG quality from its quantisation tables (or estimates it for
 a non-JPEG that shows a JPEG grid, :mod:`clipsr.jpeg`); an input at or below ``below`` goes to the
 JPEG model. The planner treats the pair as one model, whose id names both networks and the
@@ -18,23 +19,17 @@ from clipsr.enhance.routing import ModelRef
 
 PREFIX = "jpeg-pair:"
 
-#: The bundled clean model and the bundled model for JPEG inputs of the same scale.
-BUNDLED_JPEG_MODELS = {"default": "default-x4-jpeg", "default-x4": "default-x4-jpeg"}
-
 
 @dataclass(frozen=True)
 class JpegPair:
+    id: str  # the pair's model id (what the index and manifest's model_id hold)
     clean: str  # model spec for clean inputs
     jpeg: str  # model spec for JPEG inputs
     below: int  # inputs of this JPEG quality or lower go to ``jpeg``
+    ids: dict[str, str]  # model spec -> the id the run was planned with
 
     def choose(self, quality: int | None) -> str:
         return self.jpeg if quality is not None and quality <= self.below else self.clean
-
-
-def default_jpeg_model(model_spec: str) -> str | None:
-    """The JPEG model ``--jpeg-model auto`` pairs with ``model_spec`` (None: no pair)."""
-    return BUNDLED_JPEG_MODELS.get(model_spec)
 
 
 def pair_ref(clean: ModelRef, jpeg: ModelRef, below: int) -> ModelRef:
@@ -45,9 +40,10 @@ def pair_ref(clean: ModelRef, jpeg: ModelRef, below: int) -> ModelRef:
         raise ValueError("--jpeg-model and --model use different CLIP encoders; they cannot share a run")
     if not 1 <= below <= 100:
         raise ValueError(f"--jpeg-below takes a quality in 1..100, got {below}")
-    spec = PREFIX + json.dumps({"clean": clean.spec, "jpeg": jpeg.spec, "below": below}, sort_keys=True)
-    digest = hashlib.sha256(f"{clean.id}|{jpeg.id}|{below}".encode()).hexdigest()[:12]
-    return replace(clean, spec=spec, id=f"jpeg-pair-{digest}")
+    pair_id = "jpeg-pair-" + hashlib.sha256(f"{clean.id}|{jpeg.id}|{below}".encode()).hexdigest()[:12]
+    spec = PREFIX + json.dumps({"id": pair_id, "clean": clean.spec, "jpeg": jpeg.spec, "below": below,
+                                "ids": {clean.spec: clean.id, jpeg.spec: jpeg.id}}, sort_keys=True)
+    return replace(clean, spec=spec, id=pair_id)
 
 
 def parse(spec: str) -> JpegPair | None:
@@ -55,4 +51,4 @@ def parse(spec: str) -> JpegPair | None:
     if not spec.startswith(PREFIX):
         return None
     data = json.loads(spec[len(PREFIX):])
-    return JpegPair(clean=data["clean"], jpeg=data["jpeg"], below=int(data["below"]))
+    return JpegPair(id=data["id"], clean=data["clean"], jpeg=data["jpeg"], below=int(data["below"]), ids=data["ids"])

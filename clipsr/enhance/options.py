@@ -10,6 +10,8 @@ if TYPE_CHECKING:
     from clipsr.enhance.output import OutputSettings
 
 DEFAULT_MAX_OUTPUT_PIXELS = 64_000_000
+#: JPEG inputs of this quality or lower go to --jpeg-model: above it JPEG leaves little to undo.
+DEFAULT_JPEG_BELOW = 95
 # 256 MiB: above any uncompressed input (16-bit RGBA, 8 bytes a pixel) within the default pixel
 # limit at x2 (16 megapixels), far below what would strain a worker.
 DEFAULT_MAX_INPUT_BYTES = 256 << 20
@@ -31,6 +33,8 @@ class EnhanceOptions:
     outscale: float | None = None
     max_long_edge: int | None = None
     strength: float = 1.0
+    jpeg_model: str | None = None
+    jpeg_below: int = DEFAULT_JPEG_BELOW
     format: str | None = None
     quality: int = 95
     max_failed_fraction: float = 0.01
@@ -76,6 +80,8 @@ class EnhanceOptions:
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if not 0.0 <= self.strength <= 1.0:
             raise ValueError(f"--strength must be in [0, 1], got {self.strength}")
+        if not 1 <= self.jpeg_below <= 100:
+            raise ValueError(f"--jpeg-below takes a JPEG quality in 1..100, got {self.jpeg_below}")
         self.output_settings()  # --outscale, --max-long-edge, --quality
 
     def output_settings(self) -> OutputSettings:
@@ -131,6 +137,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "weights moved only S of the way from their source model's: source + S x (adapted - "
                         "source); 1 (default): as adapted, 0: the source model. The source model of a routed "
                         "run (--model) runs as it is")
+    p.add_argument("--jpeg-model", metavar="SPEC",
+                   help="a model of --model's scale for inputs that went through JPEG at --jpeg-below or lower "
+                        "(quality read from the file's quantisation tables, or estimated from a JPEG grid), e.g. "
+                        "one pretrained with data.degradation; default: every input to --model")
+    p.add_argument("--jpeg-below", type=int, default=DEFAULT_JPEG_BELOW, metavar="Q",
+                   help=f"JPEG inputs of this quality or lower go to --jpeg-model (default {DEFAULT_JPEG_BELOW})")
     p.add_argument("--format", choices=FORMATS, type=str.lower,
                    help="convert outputs to this format (extension replaced); default: keep each input's")
     p.add_argument("--quality", type=int, default=95, metavar="Q",

@@ -37,6 +37,7 @@ _ADDED = [
     ("encode_s", pa.float64()), ("write_s", pa.float64()),
     ("precision", pa.string()), ("infer_node_id", pa.string()), ("infer_node_ip", pa.string()),
     ("input_lossless", pa.bool_()),  # decides lossless WebP (clipsr.enhance.encoder)
+    ("input_jpeg_quality", pa.int32()), ("input_jpeg_quality_source", pa.string()), ("model_ran", pa.string()),
     # payloads, cleared once the output is written
     ("lr", pa.large_binary()), ("alpha", pa.large_binary()), ("sr", pa.large_binary()),
     ("icc_profile", pa.large_binary()), ("exif", pa.large_binary()),

@@ -50,6 +50,7 @@ from clipsr.enhance.listing import InputSource, iter_inputs, refuse_file, resolv
 from clipsr.enhance.lock import RunLock, require_conditional_store
 from clipsr.enhance.manifest import ManifestWriter
 from clipsr.enhance.options import EnhanceOptions
+from clipsr.enhance import jpeg_route
 from clipsr.enhance.routing import ModelRef, Router, at_strength, build_router, resolve_model
 
 log = logging.getLogger(__name__)
@@ -147,9 +148,19 @@ def _source_model(opts: EnhanceOptions) -> tuple[ModelRef, float | None]:
     if opts.scale is not None and model.scale != opts.scale:
         log.info("--scale %d: %s is a x%d model; --outscale %g sets the output size", opts.scale, model.id,
                  model.scale, opts.outscale)
+    model = _with_jpeg_model(model, opts)
     if any(x is not None for x in (opts.route, opts.route_map, opts.domain)):
         return model, opts.strength
     return at_strength(model, opts.strength), None
+
+
+def _with_jpeg_model(model: ModelRef, opts: EnhanceOptions) -> ModelRef:
+    """``--model`` paired with ``--jpeg-model`` (:mod:`clipsr.enhance.jpeg_route`), or as it is."""
+    if opts.jpeg_model is None:
+        return model
+    if opts.strength != 1.0 and not model.adapted:
+        return model  # --strength refuses a plain model below 1 with its own message
+    return jpeg_route.pair_ref(model, resolve_model(_absolute_spec(opts.jpeg_model), None), opts.jpeg_below)
 
 
 def one_line(exc: BaseException) -> str:
