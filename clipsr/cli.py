@@ -390,8 +390,9 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
                    help="training arithmetic (auto: bf16 on CPUs with AVX-512 BF16, else fp32)")
     p.add_argument("--cpus-per-domain", type=float, default=2.0)
     p.add_argument("--gpus-per-domain", type=float, default=0.0, help="> 0: each domain trains on a GPU")
-    p.add_argument("--routing-encoder", default="color-stats",
-                   help="encoder for domain centroids: color-stats (no semantic prior) or a CLIP arch")
+    p.add_argument("--routing-encoder", default="route-stats",
+                   help="encoder of the exemplars for --route auto: route-stats (weight-free image statistics, "
+                        "the default) or a CLIP arch with --routing-encoder-weights")
     p.add_argument("--routing-encoder-weights", help="weights file/URI for a CLIP routing encoder")
     p.add_argument("--report", help="report path/URI without extension (default REGISTRY/_reports/<time>)")
     p.add_argument("--seed", type=int, default=0)
@@ -401,6 +402,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 
 def _run_adapt(args: argparse.Namespace) -> int:
     from clipsr import storage
+    from clipsr.adapt.routing_fit import report_confusion
     from clipsr.adapt.run import adapt_many, format_report, write_report
     from clipsr.adapt.settings import AdaptSettings
     from clipsr.adapt.spec import DomainSpec, load_specs
@@ -430,6 +432,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
     base = args.report or storage.join(out, f"_reports/{utc_now().replace(':', '')}")
     json_uri, _ = write_report(rows, base)
     print(format_report(rows))
+    print(report_confusion(out, base))
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"adapt: {len(rows) - failed} ok, {failed} failed; report {json_uri}")
     return 2 if failed else 0

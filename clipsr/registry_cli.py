@@ -24,6 +24,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q = cmds.add_parser("show", help="print a version's entry (lineage, settings, scores) as JSON")
     q.add_argument("ref", metavar="REGISTRY/DOMAIN[/vN]")
     q.set_defaults(func=_run_show)
+    q = cmds.add_parser("routing", help="leave-one-out routing confusion of the current domains (--route auto)")
+    q.add_argument("ref", metavar="REGISTRY")
+    q.add_argument("--json", action="store_true", help="print the confusion as JSON")
+    q.set_defaults(func=_run_routing)
     q = cmds.add_parser("set-current", help="make REGISTRY/DOMAIN/vN current (rollback or manual promotion)")
     q.add_argument("ref", metavar="REGISTRY/DOMAIN/vN")
     q.set_defaults(func=_run_set_current)
@@ -77,6 +81,20 @@ def _run_show(args: argparse.Namespace) -> int:
     if entry is None:
         raise ValueError(f"{args.ref!r} is not a registry reference REGISTRY/DOMAIN[/vN]")
     print(json.dumps(entry.doc, indent=2, sort_keys=True))
+    return 0
+
+
+def _run_routing(args: argparse.Namespace) -> int:
+    from clipsr.adapt.routing_fit import registry_confusion
+    from clipsr.domain_routing import format_confusion
+
+    registry, domain = _split(args.ref)
+    if domain is not None:
+        raise ValueError(f"expected a registry, got {args.ref!r}: the confusion is over all its current domains")
+    conf = registry_confusion(registry.uri)
+    if conf is None:
+        raise EntryNotFoundError(f"no current domain in {registry.uri} has routing data")
+    print(json.dumps(conf, indent=2) if args.json else format_confusion(conf))
     return 0
 
 

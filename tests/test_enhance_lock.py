@@ -199,7 +199,7 @@ def _acquired(lock: RunLock) -> bool:
 def _index_db(*keys: tuple[str, str]) -> sqlite3.Connection:
     db = sqlite3.connect(":memory:")
     idx.create_table(db)
-    idx.upsert(db, [(key, 1, "e", 0, "m", None, "d", 4, f"s3://out/{key}", 1, run, None, "ok", None) for key, run in keys])
+    idx.upsert(db, [(key, 1, "e", 0, "m", None, "d", 4, f"s3://out/{key}", 1, run, None, "ok", None, None) for key, run in keys])
     return db
 
 

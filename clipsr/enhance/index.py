@@ -23,7 +23,9 @@ Held on the driver in SQLite on local disk (the ``idx`` table), never as a Pytho
 stays flat at millions of keys.
 
 Version 2 added the ``status`` and ``error`` columns (failed rows); version 1 indexes (ok rows
-only) are read as such, and rewritten as version 2 by the next run.
+only) are read as such, and rewritten by the next run. Version 3 added ``route_descriptor``, the
+encoder of ``route_embedding``: an embedding without one (written before) is never routed on, its
+input is embedded again by its next ``--route auto`` run.
 """
 from __future__ import annotations
 
@@ -44,8 +46,8 @@ from clipsr.enhance.failures import is_permanent
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+INDEX_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 ROWS_PER_PART = 1_000_000
 SCHEMA = pa.schema([
     ("key", pa.string()), ("size", pa.int64()), ("etag", pa.string()), ("mtime_ms", pa.int64()),
@@ -53,11 +55,13 @@ SCHEMA = pa.schema([
     ("scale", pa.int32()), ("output_uri", pa.string()), ("output_size", pa.int64()), ("run_id", pa.string()),
     ("route_embedding", pa.binary()),  # --route auto: routes the input again without reading it
     ("status", pa.string()), ("error", pa.string()),  # version 2: "ok", "failed" with the permanent reason, or "unsupported"
+    ("route_descriptor", pa.string()),  # version 3: the encoder of route_embedding
 ])
 _COLUMNS = SCHEMA.names
 _MANIFEST_COLUMNS = ["input_key", "input_size", "input_etag", "input_mtime", "model_id", "model_version", "domain",
                      "scale", "output_uri", "output_size", "run_id", "route_embedding", "status",
-                     "error"]  # in _COLUMNS' order
+                     "error", "route_descriptor"]  # in _COLUMNS' order
+_STATUS, _ERROR = _MANIFEST_COLUMNS.index("status"), _MANIFEST_COLUMNS.index("error")
 
 
 class IndexFencedError(RuntimeError):
@@ -79,7 +83,8 @@ class IndexMeta:
 def create_table(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE idx (key TEXT PRIMARY KEY, size INTEGER, etag TEXT, mtime_ms INTEGER, "
                "model_id TEXT, model_version TEXT, domain TEXT, scale INTEGER, output_uri TEXT, "
-               "output_size INTEGER, run_id TEXT, route_embedding BLOB, status TEXT, error TEXT)")
+               "output_size INTEGER, run_id TEXT, route_embedding BLOB, status TEXT, error TEXT, "
+               "route_descriptor TEXT)")
     # plan.decide looks up who produced an output: by output URI, out of core at millions of keys
     db.execute("CREATE INDEX idx_output ON idx (output_uri)")
 
@@ -216,7 +221,7 @@ def manifest_index_rows(run_uri: str) -> Iterable[list[tuple]]:
         cols: dict[str, Any] = {c: table.column(c).to_pylist() for c in _MANIFEST_COLUMNS}
         cols["input_mtime"] = table.column("input_mtime").cast(pa.int64()).to_pylist()
         carried = table.column("carried_forward").to_pylist()
-        rows = [row for row, c in zip(zip(*cols.values()), carried) if kept(row[-2], row[-1], c)]
+        rows = [row for row, c in zip(zip(*cols.values()), carried) if kept(row[_STATUS], row[_ERROR], c)]
         if rows:
             yield rows
 

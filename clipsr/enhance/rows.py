@@ -21,6 +21,7 @@ PLAN = pa.schema([
     ("input_mtime_ms", pa.int64()), ("scale", pa.int32()), ("domain", pa.string()),
     ("model_spec", pa.string()), ("model_id", pa.string()), ("model_version", pa.string()),
     ("route_similarity", pa.float64()), ("clip_encoder", pa.string()), ("route_embedding", pa.binary()),
+    ("route_runner_up", pa.string()), ("route_margin", pa.float64()), ("route_descriptor", pa.string()),
 ])
 
 _ADDED = [
