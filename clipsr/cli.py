@@ -432,7 +432,7 @@ def _run_adapt(args: argparse.Namespace) -> int:
     base = args.report or storage.join(out, f"_reports/{utc_now().replace(':', '')}")
     json_uri, _ = write_report(rows, base)
     print(format_report(rows))
-    print(report_confusion(out, base))
+    print(report_confusion(out, base, {r['domain']: r['version'] for r in rows if r['status'] == 'ok'}))
     failed = sum(r["status"] != "ok" for r in rows)
     print(f"adapt: {len(rows) - failed} ok, {failed} failed; report {json_uri}")
     return 2 if failed else 0

@@ -215,6 +215,9 @@ def format_confusion(conf: Mapping[str, Any]) -> str:
         lines.append(f"{n:<18}" + "".join(f"{conf['counts'][n][c]:>{width}}" for c in cols)
                      + f"{'' if share is None else f'{share:.0%}':>7}{conf['thresholds'][n]:>11.3f}"
                      + (f"  {close['domain']} ({close['margin']:+.3f})" if close else ""))
+    if conf.get("not_current"):
+        lines.append(f"not current yet (shown as routing would see them once made current): "
+                     f"{', '.join(conf['not_current'])}")
     return "\n".join(lines)
 
 

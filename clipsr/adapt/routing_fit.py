@@ -13,6 +13,7 @@ The confusion is measured over the registry's current domains, old and new, afte
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -52,21 +53,36 @@ def fit_domain(shots: list[np.ndarray], scale: int, encoder_spec: dict[str, Any]
     return block, centroid / max(float(np.linalg.norm(centroid)), 1e-12)
 
 
-def registry_confusion(registry_uri: str) -> dict[str, Any] | None:
-    """The leave-one-out confusion of the registry's current domains; None when none can be routed."""
+def registry_confusion(registry_uri: str, published: Mapping[str, int] | None = None) -> dict[str, Any] | None:
+    """The leave-one-out confusion of the registry's current domains, with the versions of
+    ``published`` (domain -> version, this run's) in place of the current ones: a version that
+    was not promoted is shown as routing would see it once made current. None when no domain can
+    be routed to."""
+    from clipsr.registry import Registry
+
+    registry = Registry(registry_uri)
     current = dr.current_domains(registry_uri)
+    not_current = []
+    for name, version in (published or {}).items():
+        entry = registry.get(name, version)
+        routing = dr.DomainRouting.from_entry(entry.doc)
+        if routing is not None:
+            if name not in current or current[name][0].version != version:
+                not_current.append(name)
+            current[name] = (entry, routing)
     if not current:
         return None
     conf = dr.confusion({name: routing for name, (_, routing) in current.items()})
-    return {**conf, "versions": {name: entry.version for name, (entry, _) in current.items()}}
+    return {**conf, "versions": {name: entry.version for name, (entry, _) in current.items()},
+            "not_current": sorted(not_current)}
 
 
-def report_confusion(registry_uri: str, report_base: str) -> str:
+def report_confusion(registry_uri: str, report_base: str, published: Mapping[str, int] | None = None) -> str:
     """Measure the confusion, write it beside the adaptation report (``<base>.routing.json``) and
     return it as text for the terminal."""
-    conf = registry_confusion(registry_uri)
+    conf = registry_confusion(registry_uri, published)
     if conf is None:
-        return "routing: no current domain has routing data"
+        return "routing: no domain has routing data"
     uri = report_base + ".routing.json"
     storage.write_bytes_atomic(uri, json.dumps(conf, indent=2).encode())
     return f"{dr.format_confusion(conf)}\nrouting confusion: {uri}"
