@@ -97,13 +97,11 @@ def _gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
     radius = max(1, min(int(3 * sigma + 0.5), min(a.shape) - 1))
     taps = np.exp(-np.arange(-radius, radius + 1) ** 2 / (2 * sigma * sigma))
     taps /= taps.sum()
-    for axis in (0, 1):
-        pad = [(0, 0), (0, 0)]
-        pad[axis] = (radius, radius)
-        padded = np.pad(a, pad, mode="symmetric")
-        n = a.shape[axis]
-        a = sum(w * np.take(padded, np.arange(i, i + n), axis=axis) for i, w in enumerate(taps))
-    return a
+    h, w = a.shape
+    rows = np.pad(a, [(radius, radius), (0, 0)], mode="symmetric")
+    a = sum(t * rows[i:i + h] for i, t in enumerate(taps))
+    cols = np.pad(a, [(0, 0), (radius, radius)], mode="symmetric")
+    return sum(t * cols[:, i:i + w] for i, t in enumerate(taps))
 
 
 def _centre_crop(a: np.ndarray, side: int) -> np.ndarray:
