@@ -112,7 +112,7 @@ class Entry:
     model_uri: str  # full URI of the model file
     promoted: bool  # made current when published (the gate passed); see CURRENT for what is now
     doc: dict[str, Any]  # the whole entry document
-    centroid: np.ndarray | None  # float32, the mean CLIP embedding of the shots
+    centroid: np.ndarray | None  # float32, the mean routing embedding of the shots (routing uses doc["routing"])
 
     @property
     def ref(self) -> str:

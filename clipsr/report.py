@@ -35,7 +35,7 @@ FIGURES = (
      "output sharpness / a bicubic upscale's; near 1: the model added little, far above: maybe amplified noise"),
     ("clipping_ratio", "Clipping ratio", "fraction of output samples at the floor or ceiling of their bit depth"),
     ("clip_cosine", "CLIP cosine, input to output", "semantic consistency; only for models with a CLIP encoder"),
-    ("route_similarity", "Routing similarity", "--route auto: cosine to the chosen domain's centroid"),
+    ("route_similarity", "Routing similarity", "--route auto: similarity to the nearest domain's exemplars"),
     ("infer_s", "Inference seconds per image", "time in the network, tiling included"),
 )
 COLUMNS = ["status", "error", "input_key", "input_uri", "output_uri", "input_sha256", "scale", "output_width",

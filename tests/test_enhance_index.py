@@ -73,10 +73,10 @@ def test_manifest_refuses_rows_that_break_the_contract(tmp_path):
 
 def test_an_older_run_never_replaces_a_newer_rows_state():
     db = _db()
-    idx.upsert(db, [("a.png", 1, "e", 0, "m", None, "d", 4, "u", 1, MID, None, None, None, None, "ok", None)])
-    idx.upsert(db, [("a.png", 2, "e", 0, "m", None, "d", 4, "u", 1, OLD, None, None, None, None, "ok", None),
-                    ("b.png", 2, "e", 0, "m", None, "d", 4, "u", 1, OLD, None, None, None, None, "ok", None)])
-    idx.upsert(db, [("b.png", 3, "e", 0, "m", None, "d", 4, "u", 1, NEW, None, None, None, None, "ok", None)])
+    idx.upsert(db, [("a.png", 1, "e", 0, "m", None, "d", 4, "u", 1, MID, None, None, None, None, "ok", None, None)])
+    idx.upsert(db, [("a.png", 2, "e", 0, "m", None, "d", 4, "u", 1, OLD, None, None, None, None, "ok", None, None),
+                    ("b.png", 2, "e", 0, "m", None, "d", 4, "u", 1, OLD, None, None, None, None, "ok", None, None)])
+    idx.upsert(db, [("b.png", 3, "e", 0, "m", None, "d", 4, "u", 1, NEW, None, None, None, None, "ok", None, None)])
     assert db.execute("SELECT key, size, run_id FROM idx ORDER BY key").fetchall() == [
         ("a.png", 1, MID), ("b.png", 3, NEW)]
 
@@ -90,7 +90,7 @@ def test_merge_takes_only_ok_rows_and_permanent_failures_of_a_runs_manifest(tmp_
     assert idx.merge_run(db, run_uri) == 1
     assert db.execute("SELECT * FROM idx").fetchall() == [
         ("a.png", 10, "e", 1_700_000_000_000, "m1", None, "default", 4, "s3://out/a.png", 99, NEW, None, None, None,
-         None, "ok", None)]
+         None, "ok", None, None)]
     assert idx.merge_run(db, str(tmp_path / "run=missing")) == 0
 
 
@@ -99,8 +99,8 @@ def test_runs_register_when_they_start_and_commit_a_new_generation(tmp_path):
     assert store.read_meta().parts == [] and store.begin(OLD, "m") == []
     assert store.begin(MID, "m") == [{"run_id": OLD, "manifest": "m"}]  # OLD never finished
     db = _db()
-    idx.upsert(db, [("b.png", 1, None, 5, "m", None, "d", 4, "u", 1, MID, None, None, None, None, "ok", None),
-                    ("a.png", 1, "e", 5, "m", None, "d", 4, "u", 1, MID, None, None, None, None, "ok", None)])
+    idx.upsert(db, [("b.png", 1, None, 5, "m", None, "d", 4, "u", 1, MID, None, None, None, None, "ok", None, None),
+                    ("a.png", 1, "e", 5, "m", None, "d", 4, "u", 1, MID, None, None, None, None, "ok", None, None)])
     meta = store.commit(db, MID, merged=[OLD, MID])
     assert meta.in_progress == [] and meta.rows == 2 and meta.parts == [f"gen={MID}/part-00000.parquet"]
     assert store.read_meta().generation == MID
@@ -139,21 +139,21 @@ def test_a_run_that_lost_its_lock_cannot_commit_over_the_run_that_took_it(index_
     first = idx.IndexStore(index_uri)
     first.begin(OLD, "m")
     db = _db()
-    idx.upsert(db, [("a.png", 1, "e", 0, "m", None, "d", 4, "u", 1, OLD, None, None, None, None, "ok", None)])
+    idx.upsert(db, [("a.png", 1, "e", 0, "m", None, "d", 4, "u", 1, OLD, None, None, None, None, "ok", None, None)])
     first.commit(db, OLD, merged=[OLD])
     stale, taker = idx.IndexStore(index_uri), idx.IndexStore(index_uri)
     stale.begin(MID, "m")
     taker.begin(NEW, "m")  # NEW took the lock over and registered
     registered = storage.read_bytes(f"{index_uri}/index.json")
     db = _db()
-    idx.upsert(db, [("a.png", 2, "e", 0, "m", None, "d", 4, "u", 1, MID, None, None, None, None, "ok", None)])
+    idx.upsert(db, [("a.png", 2, "e", 0, "m", None, "d", 4, "u", 1, MID, None, None, None, None, "ok", None, None)])
     with pytest.raises(idx.IndexFencedError, match=f"after run {MID} registered"):
         stale.commit(db, MID, merged=[OLD, MID])
     # nothing of NEW's changed, and the generation NEW loaded is still there for it (or its rerun)
     assert storage.read_bytes(f"{index_uri}/index.json") == registered
     assert _generations(index_uri) == {f"gen={OLD}"}
     db = _db()
-    idx.upsert(db, [("a.png", 3, "e", 0, "m", None, "d", 4, "u", 1, NEW, None, None, None, None, "ok", None)])
+    idx.upsert(db, [("a.png", 3, "e", 0, "m", None, "d", 4, "u", 1, NEW, None, None, None, None, "ok", None, None)])
     meta = taker.commit(db, NEW, merged=[MID, NEW])
     assert meta.generation == NEW and meta.in_progress == []
     assert _generations(index_uri) == {f"gen={NEW}"}
@@ -166,7 +166,7 @@ def test_a_run_that_lost_its_lock_cannot_commit_over_the_run_that_took_it(index_
 def test_permanent_failures_enter_the_index_and_keep_their_keys_earlier_output(tmp_path):
     db = _db()
     idx.upsert(db, [("a.png", 10, "e", 0, "m1", None, "default", 4, "s3://out/a.png", 99, OLD, None, None, None, None,
-                     "ok", None)])
+                     "ok", None, None)])
     run_uri = str(tmp_path / f"run={NEW}")
     corrupt = "truncated or corrupt image: image file is truncated"
     carried = f"carried forward from run {OLD}: {corrupt}"
@@ -182,7 +182,7 @@ def test_permanent_failures_enter_the_index_and_keep_their_keys_earlier_output(t
 
 def test_a_version_1_index_is_read_as_ok_rows(tmp_path):
     store = idx.IndexStore(str(tmp_path))
-    v1 = pa.schema([f for f in idx.SCHEMA if f.name not in ("status", "error")])
+    v1 = pa.schema([f for f in idx.SCHEMA if f.name not in ("status", "error", "route_descriptor")])
     row = {"key": "a.png", "size": 1, "output_uri": "s3://out/a.png", "run_id": OLD}
     table = pa.Table.from_pylist([row], schema=v1)
     buf = io.BytesIO()

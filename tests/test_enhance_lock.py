@@ -199,7 +199,7 @@ def _acquired(lock: RunLock) -> bool:
 def _index_db(*keys: tuple[str, str]) -> sqlite3.Connection:
     db = sqlite3.connect(":memory:")
     idx.create_table(db)
-    idx.upsert(db, [(key, 1, "e", 0, "m", None, "d", 4, f"s3://out/{key}", 1, run, None, None, None, None, "ok", None)
+    idx.upsert(db, [(key, 1, "e", 0, "m", None, "d", 4, f"s3://out/{key}", 1, run, None, None, None, None, "ok", None, None)
                     for key, run in keys])
     return db
 

@@ -136,12 +136,12 @@ def _decide(objects, fmt=None, index_rows=(), outputs=(), model=MODEL, retry_fai
 def _index_row(key, size=10, etag="e1", mtime_ms=1_700_000_000_000, model=MODEL.id, out_size=99,
                run="20261101T000000Z-000000", out_key=None, scale=4):
     return (key, size, etag, mtime_ms, model, None, "default", scale, f"s3://out/{out_key or key}", out_size, run,
-            None, None, None, None, "ok", None)
+            None, None, None, None, "ok", None, None)
 
 
 def _failed_row(key, error, size=10, etag="e1", run="20261101T000000Z-000000", scale=4):
     return (key, size, etag, 1_700_000_000_000, None, None, None, scale, None, None, run, None, None, None, None,
-            "failed", error)
+            "failed", error, None)
 
 
 def _out(key, size=99):

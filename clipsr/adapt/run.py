@@ -20,6 +20,7 @@ import torch
 
 from clipsr import imaging, storage
 from clipsr.adapt.fast import adapt_domain, resolve_precision
+from clipsr.adapt.routing_fit import fit_domain
 from clipsr.adapt.settings import AdaptSettings
 from clipsr.adapt.spec import DomainSpec
 from clipsr.factory import encode_checkpoint, load_checkpoint_files
@@ -47,15 +48,6 @@ def read_shots(uris: list[str]) -> tuple[list[np.ndarray], list[dict[str, str]]]
     return shots, exemplars
 
 
-def _centroid(shots: list[np.ndarray], encoder_spec: dict[str, Any]) -> tuple[np.ndarray, dict[str, Any]]:
-    """Mean embedding of the shots (L2-normalised): where this domain sits, for routing."""
-    from clipsr.clip import load_image_encoder
-
-    enc = load_image_encoder(encoder_spec["arch"], encoder_spec.get("weights"), seed=encoder_spec.get("seed", 0))
-    c = enc.embed_images(shots).mean(axis=0)
-    return c / max(np.linalg.norm(c), 1e-12), enc.identity.to_dict()
-
-
 def adapt_one(
     spec: DomainSpec, source_spec: str, settings: AdaptSettings, registry_uri: str,
     routing_encoder: dict[str, Any], threads: int,
@@ -77,7 +69,7 @@ def adapt_one(
         result = adapt_domain(source, smeta, shots, settings)
         role = {**dict.fromkeys(result.train_shots, "train"), **dict.fromkeys(result.heldout_shots, "heldout")}
         exemplars = [{**e, "role": role[i]} for i, e in enumerate(exemplars)]
-        centroid, centroid_encoder = _centroid(shots, routing_encoder)
+        routing, centroid = fit_domain(shots, source.scale, routing_encoder)
         scores = {
             "heldout_psnr_y_before": result.heldout_before, "heldout_psnr_y_after": result.heldout_after,
             "gain_db": result.gain_db, "heldout_shots": len(result.heldout_shots),
@@ -101,7 +93,7 @@ def adapt_one(
             "model": {"id": meta["id"], "weights_sha256": meta["weights_sha256"], "kind": meta["kind"]},
             "source_model": {"id": smeta["id"], "weights_sha256": smeta["weights_sha256"], "spec": source_spec},
             "clip_encoder": smeta["clip_encoder"],
-            "centroid_encoder": centroid_encoder,
+            "centroid_encoder": routing["encoder"],
             "exemplars": exemplars,
             "settings": chosen,
             "scores": scores,
@@ -112,6 +104,7 @@ def adapt_one(
                        f"trained on: {result.gain_db:+.3f} dB vs the source model"
                        + ("" if promoted else ": not better, kept but not promoted")),
             "notes": spec.notes,
+            "routing": routing,  # last but the centroid: its embeddings would bury the lineage
         }
         # The registry keeps the source files, so the delta outlives the file it was adapted from.
         published = Registry(registry_uri).publish(spec.name, data, entry, centroid=centroid, promote=promoted,

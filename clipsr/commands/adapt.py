@@ -36,8 +36,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cpus-per-domain", type=float, default=2.0,
                    help="CPUs each domain's Ray task holds, and its torch threads (default 2)")
     p.add_argument("--gpus-per-domain", type=float, default=0.0, help="> 0: each domain trains on a GPU")
-    p.add_argument("--routing-encoder", default="color-stats",
-                   help="encoder for domain centroids: color-stats (no semantic prior) or a CLIP arch")
+    p.add_argument("--routing-encoder", default="route-stats",
+                   help="encoder of the exemplars for --route auto: route-stats (weight-free image statistics, "
+                        "the default) or a CLIP arch with --routing-encoder-weights")
     p.add_argument("--routing-encoder-weights", help="weights file/URI for a CLIP routing encoder")
     p.add_argument("--report", help="report path/URI without extension (default REGISTRY/_reports/<time>)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patch sampling and training (default 0)")
@@ -52,6 +53,7 @@ def _run(args: argparse.Namespace) -> int:
     from clipsr.adapt.settings import AdaptSettings
     from clipsr.adapt.spec import DomainSpec, load_specs
     from clipsr.provenance import utc_now
+    from clipsr.adapt.routing_fit import report_confusion
     from clipsr.ray_runtime import init_ray, ray_log
 
     specs = [DomainSpec.shorthand(d, args.shots, args.scale) for d in args.domain]
@@ -77,6 +79,7 @@ def _run(args: argparse.Namespace) -> int:
     base = args.report or storage.join(out, f"_reports/{utc_now().replace(':', '')}")
     json_uri, _ = write_report(rows, base)
     print(format_report(rows))
+    print(report_confusion(out, base, {r['domain']: r['version'] for r in rows if r['status'] == 'ok'}))
     failed = sum(r["status"] != "ok" for r in rows)
     ray_note = f"; Ray's log: {ray_log()}" if ray_log() else ""
     print(f"adapt: {len(rows) - failed} ok, {failed} failed; report {json_uri}{ray_note}")

@@ -28,6 +28,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json", action="store_true",
                    help="print the whole entry as JSON, the centroid's numbers included")
     q.set_defaults(func=_run_show)
+    q = cmds.add_parser("routing", help="leave-one-out routing confusion of the current domains (--route auto)")
+    q.add_argument("ref", metavar="REGISTRY", help="a registry written by clipsr adapt")
+    q.add_argument("--json", action="store_true", help="print the confusion as JSON")
+    q.set_defaults(func=_run_routing)
     q = cmds.add_parser("set-current", help="make REGISTRY/DOMAIN/vN current (rollback or manual promotion)")
     q.add_argument("ref", metavar="REGISTRY/DOMAIN/vN", help="the version to make current")
     q.set_defaults(func=_run_set_current)
@@ -158,6 +162,20 @@ def _centroid(centroid: Any, encoder: dict[str, Any] | None) -> str:
     norm = float(np.linalg.norm(centroid))
     return (f"{len(centroid)} numbers, norm {norm:.3f}, encoder {_encoder(encoder)} "
             "(--json prints them)")
+
+
+def _run_routing(args: argparse.Namespace) -> int:
+    from clipsr.adapt.routing_fit import registry_confusion
+    from clipsr.domain_routing import format_confusion
+
+    registry, domain = _split(args.ref)
+    if domain is not None:
+        raise ValueError(f"expected a registry, got {args.ref!r}: the confusion is over all its current domains")
+    conf = registry_confusion(registry.uri)
+    if conf is None:
+        raise EntryNotFoundError(f"no current domain in {registry.uri} has routing data")
+    print(json.dumps(conf, indent=2) if args.json else format_confusion(conf))
+    return 0
 
 
 def _run_set_current(args: argparse.Namespace) -> int:

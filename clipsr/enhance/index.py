@@ -25,7 +25,9 @@ stays flat at millions of keys.
 Version 2 added the ``status`` and ``error`` columns (failed rows); version 1 indexes (ok rows
 only) are read as such, and rewritten by the next run. Version 3 added the output settings
 (``outscale``, ``max_long_edge``, ``quality``: clipsr.enhance.output); rows of earlier versions
-read them as null, the defaults they were made with.
+read them as null, the defaults they were made with; and ``route_descriptor``, the
+encoder of ``route_embedding``: an embedding without one (written before) is never routed on, its
+input is embedded again by its next ``--route auto`` run.
 """
 from __future__ import annotations
 
@@ -56,11 +58,13 @@ SCHEMA = pa.schema([
     ("route_embedding", pa.binary()),  # --route auto: routes the input again without reading it
     ("outscale", pa.float64()), ("max_long_edge", pa.int32()), ("quality", pa.int32()),  # version 3
     ("status", pa.string()), ("error", pa.string()),  # version 2: "ok", "failed" with the permanent reason, or "unsupported"
+    ("route_descriptor", pa.string()),  # version 3: the encoder of route_embedding
 ])
 _COLUMNS = SCHEMA.names
 _MANIFEST_COLUMNS = ["input_key", "input_size", "input_etag", "input_mtime", "model_id", "model_version", "domain",
                      "scale", "output_uri", "output_size", "run_id", "route_embedding", "outscale",
-                     "max_long_edge", "quality", "status", "error"]  # in _COLUMNS' order
+                     "max_long_edge", "quality", "status", "error", "route_descriptor"]  # in _COLUMNS' order
+_STATUS, _ERROR = _MANIFEST_COLUMNS.index("status"), _MANIFEST_COLUMNS.index("error")
 
 
 class IndexFencedError(RuntimeError):
@@ -83,7 +87,7 @@ def create_table(db: sqlite3.Connection) -> None:
     db.execute("CREATE TABLE idx (key TEXT PRIMARY KEY, size INTEGER, etag TEXT, mtime_ms INTEGER, "
                "model_id TEXT, model_version TEXT, domain TEXT, scale INTEGER, output_uri TEXT, "
                "output_size INTEGER, run_id TEXT, route_embedding BLOB, outscale REAL, max_long_edge INTEGER, "
-               "quality INTEGER, status TEXT, error TEXT)")
+               "quality INTEGER, status TEXT, error TEXT, route_descriptor TEXT)")
     # plan.decide looks up who produced an output: by output URI, out of core at millions of keys
     db.execute("CREATE INDEX idx_output ON idx (output_uri)")
 
@@ -220,7 +224,7 @@ def manifest_index_rows(run_uri: str) -> Iterable[list[tuple]]:
         cols: dict[str, Any] = {c: table.column(c).to_pylist() for c in _MANIFEST_COLUMNS}
         cols["input_mtime"] = table.column("input_mtime").cast(pa.int64()).to_pylist()
         carried = table.column("carried_forward").to_pylist()
-        rows = [row for row, c in zip(zip(*cols.values()), carried) if kept(row[-2], row[-1], c)]
+        rows = [row for row, c in zip(zip(*cols.values()), carried) if kept(row[_STATUS], row[_ERROR], c)]
         if rows:
             yield rows
 

@@ -87,10 +87,11 @@ class InferStage:
         spec = row["model_spec"]
         if spec not in self._choosers:
             self._choosers[spec] = AutoChooser(spec)
-        chosen, domain, version, similarity, embedding = self._choosers[spec].choose(imaging.to_rgb(lr))
-        row.update(domain=domain, model_version=version, route_similarity=similarity,
-                   route_embedding=pack_embedding(embedding))
-        return chosen
+        choice = self._choosers[spec].choose(imaging.to_rgb(lr))
+        row.update(domain=choice.domain, model_version=choice.version, route_similarity=choice.similarity,
+                   route_runner_up=choice.runner_up, route_margin=choice.margin,
+                   route_descriptor=choice.descriptor, route_embedding=pack_embedding(choice.embedding))
+        return choice.spec
 
     def _prepare(self, row: dict[str, Any]) -> tuple[Any, np.ndarray] | None:
         """Route the row and load its model: (upscaler, LR image), or None when the row failed."""

@@ -27,7 +27,7 @@ class EnhanceOptions:
     route: str | None = None
     route_map: str | None = None
     domain: str | None = None
-    route_threshold: float = 0.8
+    route_threshold: float | None = None
     model: str = "default"
     scale: int | None = None
     outscale: float | None = None
@@ -58,7 +58,7 @@ class EnhanceOptions:
     allow_unconditional_writes: bool = False
 
     def check(self) -> None:
-        if not -1.0 <= self.route_threshold <= 1.0:
+        if self.route_threshold is not None and not -1.0 <= self.route_threshold <= 1.0:
             raise ValueError(f"--route-threshold is a cosine in [-1, 1], got {self.route_threshold}")
         if not 0.0 <= self.max_failed_fraction <= 1.0:
             raise ValueError(f"--max-failed-fraction must be in [0, 1], got {self.max_failed_fraction}")
@@ -119,8 +119,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     route.add_argument("--route", choices=["auto"], help="route each image to the nearest domain (registry)")
     route.add_argument("--route-map", metavar="FILE", help="YAML/JSON mapping of key prefix -> domain (registry)")
     route.add_argument("--domain", metavar="NAME", help="send every image to one domain's model (backfill)")
-    p.add_argument("--route-threshold", type=float, default=0.8, metavar="COS",
-                   help="--route auto: below this cosine to the nearest domain centroid, use --model (default 0.8)")
+    p.add_argument("--route-threshold", type=float, metavar="COS",
+                   help="--route auto: below this similarity to the nearest domain, use --model (default: each "
+                        "domain's threshold, calibrated from its exemplars when it was adapted)")
     p.add_argument("--model", default="default",
                    help="model without a registry: default (bundled), bicubic, or a checkpoint path/URI")
     p.add_argument("--scale", type=int,

@@ -187,7 +187,8 @@ def load_outputs(db: sqlite3.Connection, objects: Iterable[storage.ObjectInfo]) 
 
 def _route_columns(route: Route) -> dict[str, Any]:
     return {"domain": route.domain, "model_id": route.model.id, "model_version": route.model.version,
-            "route_similarity": route.similarity, "clip_encoder": route.model.clip_encoder,
+            "route_similarity": route.similarity, "route_runner_up": route.runner_up, "route_margin": route.margin,
+            "route_descriptor": route.descriptor, "clip_encoder": route.model.clip_encoder,
             "strength": route.model.strength}
 
 
@@ -207,6 +208,7 @@ class _Prior(NamedTuple):
     outscale: float | None
     max_long_edge: int | None
     quality: int | None
+    route_descriptor: str | None
 
 
 def _same_content(size, etag, mtime_ms, prior: _Prior) -> bool:
@@ -247,7 +249,7 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
     cursor = db.execute(
         "SELECT l.key, l.uri, l.size, l.etag, l.mtime_ms, l.kind, l.reason, l.out_key, l.out_uri, "
         "i.status, i.error, i.size, i.etag, i.mtime_ms, i.model_id, i.scale, i.output_uri, i.output_size, i.run_id, "
-        "i.route_embedding, i.outscale, i.max_long_edge, i.quality, o.size, w.key, w.run_id "
+        "i.route_embedding, i.outscale, i.max_long_edge, i.quality, i.route_descriptor, o.size, w.key, w.run_id "
         "FROM (SELECT *, output_uri(out_key) AS out_uri FROM listing) l "
         "LEFT JOIN idx i ON i.key = l.key LEFT JOIN outputs o ON o.key = l.out_key "
         "LEFT JOIN idx w ON w.key = (SELECT x.key FROM idx x WHERE x.output_uri = l.out_uri "
@@ -257,7 +259,7 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
     winner: tuple[str, str, str] | None = None  # (output key, input key, why it won) of the last candidate
     reroute = getattr(router, "reroute", None)  # --route auto: a stored embedding routes on the driver
     for key, uri, size, etag, mtime_ms, kind, reason, out_key, output_uri, *rest in cursor:
-        prior, (out_size, owner, owner_run) = _Prior(*rest[:14]), rest[14:]
+        prior, (out_size, owner, owner_run) = _Prior(*rest[:15]), rest[15:]
         counts.listed += 1
         base = {"run_id": layout.run_id, "input_key": key, "input_uri": uri, "input_size": size,
                 "input_etag": etag, "input_mtime": mtime_ms, "scale": scale,
@@ -270,10 +272,10 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
             status = STATUS_BY_KIND[kind]
             _record(sink, counts, {**base, "status": status, "error": reason})
             continue
-        embedding = prior.route_embedding
+        embedding, route = prior.route_embedding, None
         if reroute is not None and embedding is not None and _same_content(size, etag, mtime_ms, prior):
-            route = reroute(embedding)
-        else:
+            route = reroute(embedding, prior.route_descriptor)  # None: made by another descriptor
+        if route is None:
             route, embedding = router.route(key), None
         if winner is not None and winner[0] == out_key:
             _record(sink, counts, {**base, **_route_columns(route), "status": "failed",

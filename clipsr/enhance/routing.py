@@ -7,14 +7,16 @@ registry (``--models``, written by ``clipsr adapt``) once, at planning time, and
 run uses that version even if another is promoted meanwhile.
 
 ``--route auto`` needs each image's embedding, so the first choice happens in the inference stage
-(:class:`AutoChooser`): nearest current domain centroid by cosine, ``--model`` below the
-threshold. The row records the embedding (float16) and the model actually used, and the index
-keeps both. Later runs route those inputs again on the driver (:meth:`AutoRouter.reroute`) from
-the stored embedding and the registry's current centroids, without reading the image: after a
-promotion, a rollback or a new domain only the inputs whose domain or domain version changed are
-enhanced again. Inputs with no stored embedding (new, changed, or indexed before embeddings were
-kept) go to the inference stage under the routing *signature* (a hash of the source model, the
-threshold and every current domain version).
+(:class:`AutoChooser`): the nearest current domain by its exemplars, ``--model`` below that
+domain's calibrated threshold (clipsr.domain_routing). The row records the embedding (float16),
+the descriptor that made it, the runner-up domain and the margin, and the model actually used;
+the index keeps the embedding and its descriptor. Later runs route those inputs again on the
+driver (:meth:`AutoRouter.reroute`) from the stored embedding and the registry's current domains,
+without reading the image: after a promotion, a rollback or a new domain only the inputs whose
+domain or domain version changed are enhanced again. Inputs with no stored embedding (new,
+changed, or indexed before embeddings were kept), or one made by another descriptor than the
+registry's, go to the inference stage under the routing *signature* (a hash of the source model,
+the threshold and every current domain version), which embeds them again.
 """
 from __future__ import annotations
 
@@ -26,10 +28,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from clipsr import domain_routing as dr
 from clipsr import storage
 from clipsr.config import ConfigError, parse_document, validate
-
-DEFAULT_DOMAIN = "default"
+from clipsr.domain_routing import DEFAULT_DOMAIN, describe_encoder
 
 
 class RegistryUnavailableError(ValueError):
@@ -53,7 +55,10 @@ class ModelRef:
 class Route:
     domain: str
     model: ModelRef
-    similarity: float | None = None  # auto routing only: cosine to the chosen domain's centroid
+    similarity: float | None = None  # auto routing only: to the nearest domain (clipsr.domain_routing)
+    runner_up: str | None = None  # auto routing only: second-nearest domain (the nearest when sent to default)
+    margin: float | None = None  # auto routing only: similarity - runner-up's (- nearest's threshold on default)
+    descriptor: str | None = None  # auto routing only: the encoder of the embedding routed on
 
 
 class Router(Protocol):
@@ -84,13 +89,6 @@ class PrefixRouter:
             if key.startswith(prefix):
                 return route
         return self._source
-
-
-def describe_encoder(identity: Mapping[str, Any] | None) -> str | None:
-    """How the manifest names a CLIP encoder: architecture, weights and a short weights hash."""
-    if not identity:
-        return None
-    return f"{identity['arch']} {identity['weights']} sha256:{str(identity['sha256'])[:12]}"
 
 
 def at_strength(ref: ModelRef, strength: float) -> ModelRef:
@@ -139,54 +137,55 @@ def resolve_domain(registry: str | None, domain: str) -> ModelRef:
 AUTO_PREFIX = "auto:"
 
 
-def auto_spec(registry: str, threshold: float, source_spec: str, versions: dict[str, int]) -> str:
+def auto_spec(registry: str, threshold: float | None, source_spec: str, versions: dict[str, int]) -> str:
     """The model spec that tells the inference stage to choose per image (JSON after a prefix);
     the domain versions are pinned, so a promotion during the run does not change its routing."""
     return AUTO_PREFIX + json.dumps({"registry": registry, "threshold": threshold, "source": source_spec,
                                      "versions": versions}, sort_keys=True)
 
 
-def nearest(embedding: np.ndarray, centroids: np.ndarray, threshold: float) -> tuple[int | None, float]:
-    """Index of the nearest centroid by cosine (rows of ``centroids``), or None below ``threshold``."""
-    sims = centroids @ embedding.astype(np.float32)
-    best = int(np.argmax(sims))
-    return (best if sims[best] >= threshold else None), float(sims[best])
-
-
 def pack_embedding(embedding: np.ndarray) -> bytes:
-    """How rows and the index keep a routing embedding: float16, 1 KB for 512 dimensions."""
+    """How rows and the index keep a routing embedding (its views one after the other): float16,
+    1 KB for one 512-dimensional CLIP vector, 396 bytes for six views of the descriptor."""
     return np.asarray(embedding, dtype="<f2").tobytes()
 
 
-def unpack_embedding(data: bytes) -> np.ndarray:
-    return np.frombuffer(data, dtype="<f2").astype(np.float32)
+def unpack_embedding(data: bytes, dim: int) -> np.ndarray | None:
+    """The views of a stored embedding, [views, dim]; None if its size does not fit ``dim``."""
+    flat = np.frombuffer(data, dtype="<f2").astype(np.float32)
+    if flat.size == 0 or flat.size % dim:
+        return None
+    return flat.reshape(-1, dim)
+
+
+def _domain_ref(entry: Any, resolve: Callable[[str], ModelRef]) -> ModelRef:
+    return replace(resolve(entry.ref), spec=entry.ref, version=f"v{entry.version}")
 
 
 class AutoRouter:
     """``--route auto`` on the planner: new inputs go to the per-image chooser under the routing
-    signature; inputs with a stored embedding are routed here, to a concrete domain model."""
+    signature; inputs with a stored embedding of the registry's descriptor are routed here, to a
+    concrete domain model. ``threshold`` None: each domain's calibrated one."""
 
-    def __init__(self, registry: str, source: ModelRef, threshold: float,
-                 resolve: Callable[[str | None], ModelRef] = lambda ref: resolve_model(ref, None),
+    def __init__(self, registry: str, source: ModelRef, threshold: float | None,
+                 resolve: Callable[[str], ModelRef] = lambda ref: resolve_model(ref, None),
                  strength: float | None = None) -> None:
-        from clipsr.registry import Registry
-
-        current = Registry(registry).centroids()
+        current = dr.current_domains(registry)
         if not current:
-            raise RegistryUnavailableError(f"--route auto: no domain in {registry} has a current version with a centroid")
-        encoders = {json.dumps(e.doc.get("centroid_encoder"), sort_keys=True) for e, _ in current.values()}
-        if len(encoders) != 1:
-            raise RegistryUnavailableError("--route auto: the domains' centroids come from different encoders")
+            raise RegistryUnavailableError(f"--route auto: no domain in {registry} has a current version with "
+                                           "routing data")
         self.source, self.threshold = source, threshold
         self.domains = sorted(current)
-        self.centroids = np.stack([current[d][1] for d in self.domains]).astype(np.float32)
-        self.models = []
-        for d in self.domains:
-            entry = current[d][0]
-            ref = resolve(entry.ref)
-            ref = replace(ref, spec=entry.ref, version=f"v{entry.version}")
-            self.models.append(ref if strength is None else at_strength(ref, strength))
-        state = [source.id, threshold] + sorted([d, e.version, e.doc["model"]["id"]] for d, (e, _) in current.items())
+        try:
+            self.descriptor = dr.check_one_encoder({d: current[d][1] for d in self.domains})
+        except ValueError as e:
+            raise RegistryUnavailableError(f"--route auto: {e}") from None
+        self.routing = [current[d][1] for d in self.domains]
+        self.models = [_domain_ref(current[d][0], resolve) for d in self.domains]
+        if strength is not None:
+            self.models = [at_strength(ref, strength) for ref in self.models]
+        state = [source.id, "calibrated" if threshold is None else threshold] + sorted(
+            [d, e.version, e.doc["model"]["id"]] for d, (e, _) in current.items())
         if strength not in (None, 1.0):  # a routing signature of today's runs stays what it was
             state.append(["strength", strength])
         signature = "auto-" + hashlib.sha256(json.dumps(state).encode()).hexdigest()[:12]
@@ -197,42 +196,66 @@ class AutoRouter:
     def route(self, key: str) -> Route:
         return self._chooser
 
-    def reroute(self, embedding: bytes) -> Route:
-        """The route of an input whose embedding an earlier run stored."""
-        best, similarity = nearest(unpack_embedding(embedding), self.centroids, self.threshold)
-        if best is None:
-            return Route(DEFAULT_DOMAIN, self.source, similarity)
-        return Route(self.domains[best], self.models[best], similarity)
+    def reroute(self, embedding: bytes, descriptor: str | None) -> Route | None:
+        """The route of an input whose embedding an earlier run stored; None when another
+        descriptor made it (or an unrecorded one, before descriptors were recorded): the input
+        must be embedded again, never compared across descriptors."""
+        if descriptor != self.descriptor:
+            return None
+        views = unpack_embedding(embedding, self.routing[0].pool.shape[1])
+        if views is None:
+            return None
+        d = dr.decide(views, self.routing, self.threshold)
+        runner_up = None if d.runner_up is None else self.domains[d.runner_up]
+        if d.chosen is None:
+            return Route(DEFAULT_DOMAIN, self.source, d.similarity, runner_up, d.margin, self.descriptor)
+        return Route(self.domains[d.chosen], self.models[d.chosen], d.similarity, runner_up, d.margin,
+                     self.descriptor)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """What the inference stage decided for one image."""
+
+    spec: str  # the model spec to run
+    domain: str
+    version: str | None
+    similarity: float
+    runner_up: str | None
+    margin: float | None
+    descriptor: str
+    embedding: np.ndarray  # [views, D]
 
 
 class AutoChooser:
-    """Per-image routing in the inference stage: embed, compare with centroids, pick a model spec."""
+    """Per-image routing in the inference stage: embed the LR input, decide, pick a model spec."""
 
     def __init__(self, spec: str) -> None:
-        from clipsr.clip import EncoderIdentity, load_image_encoder
         from clipsr.registry import Registry
 
         conf = json.loads(spec[len(AUTO_PREFIX):])
-        self.threshold, self.source = float(conf["threshold"]), conf["source"]
+        self.threshold, self.source = conf["threshold"], conf["source"]
         registry = Registry(conf["registry"])
         self.domains = sorted(conf["versions"])
         self.entries = [registry.get(d, conf["versions"][d]) for d in self.domains]
-        self.centroids = np.stack([e.centroid for e in self.entries]).astype(np.float32)
-        want = EncoderIdentity.from_dict(self.entries[0].doc["centroid_encoder"])
-        seed = int(want.weights.split(":", 1)[1]) if want.weights.startswith("random:") else 0
-        weights = None if want.weights.startswith("random:") else want.weights
-        self.encoder = load_image_encoder(want.arch, weights, seed=seed)
-        if not self.encoder.identity.matches(want):
-            raise ValueError(f"--route auto: cannot rebuild the centroid encoder {want.arch} {want.weights}")
+        routing = {d: dr.DomainRouting.from_entry(e.doc) for d, e in zip(self.domains, self.entries)}
+        missing = sorted(d for d, r in routing.items() if r is None)
+        if missing:
+            raise ValueError(f"--route auto: {', '.join(missing)} have no routing data")
+        self.descriptor = dr.check_one_encoder(routing)
+        self.routing = [routing[d] for d in self.domains]
+        self.encoder = dr.encoder_for(self.routing[0].encoder)
 
-    def choose(self, image_rgb) -> tuple[str, str, str | None, float, np.ndarray]:
-        """(model spec, domain, version, similarity, embedding) for one HxWx3 image."""
-        emb = self.encoder.embed_images([image_rgb])[0]
-        best, similarity = nearest(emb, self.centroids, self.threshold)
-        if best is None:
-            return self.source, DEFAULT_DOMAIN, None, similarity, emb
-        entry = self.entries[best]
-        return entry.ref, self.domains[best], f"v{entry.version}", similarity, emb
+    def choose(self, image_rgb: np.ndarray) -> Choice:
+        """The choice for one HxWx3 image (as decoded: the LR input)."""
+        emb = self.encoder.embed(image_rgb)
+        d = dr.decide(emb, self.routing, self.threshold)
+        runner_up = None if d.runner_up is None else self.domains[d.runner_up]
+        if d.chosen is None:
+            return Choice(self.source, DEFAULT_DOMAIN, None, d.similarity, runner_up, d.margin, self.descriptor, emb)
+        entry = self.entries[d.chosen]
+        return Choice(entry.ref, self.domains[d.chosen], f"v{entry.version}", d.similarity, runner_up, d.margin,
+                      self.descriptor, emb)
 
 
 def load_route_map(uri: str) -> dict[str, str]:
@@ -257,7 +280,7 @@ def build_router(
     route_map: str | None = None,
     domain: str | None = None,
     resolve: Callable[[str | None, str], ModelRef] = resolve_domain,
-    threshold: float = 0.8,
+    threshold: float | None = None,
     strength: float | None = None,
 ) -> Router:
     """The router for the command line's routing options (at most one of route, route_map, domain).

@@ -24,6 +24,7 @@ PLAN = pa.schema([
     # output settings (clipsr.enhance.output) and an adapted model's strength; quality is the one
     # asked for until the write stage records the one applied (null: lossless)
     ("outscale", pa.float64()), ("max_long_edge", pa.int32()), ("quality", pa.int32()), ("strength", pa.float64()),
+    ("route_runner_up", pa.string()), ("route_margin", pa.float64()), ("route_descriptor", pa.string()),
 ])
 
 _ADDED = [
