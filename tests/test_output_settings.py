@@ -250,7 +250,7 @@ def test_the_planner_redoes_the_outputs_whose_settings_or_strength_changed():
         plan.create_tables(db)
         idx.create_table(db)
         idx.upsert(db, [(key, 10, "e1", 0, adapted.id, None, "default", 4, f"s3://out/{key}", 99, before, None,
-                         outscale, edge, quality, "ok", None) for key, outscale, edge, quality in recorded])
+                         outscale, edge, quality, "ok", None, None) for key, outscale, edge, quality in recorded])
         keys = [key for key, *_ in recorded]
         plan.load_outputs(db, [storage.ObjectInfo(f"s3://out/{k}", k, 99, "o", None) for k in keys])
         plan.load_listing(db, [storage.ObjectInfo(f"s3://in/{k}", k, 10, "e1", None) for k in keys], None)

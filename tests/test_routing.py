@@ -237,8 +237,8 @@ def test_a_stored_embedding_of_another_descriptor_is_embedded_again(tmp_path):
     idx.create_table(db)
     layout = RunLayout.create("s3://in", "s3://out", None, RUN)
     old = "20261101T000000Z-000000"
-    idx.upsert(db, [(key, 10, "e1", 0, "model-facades", "v1", "facades", 2, f"s3://out/{key}", 99, old, stored, "ok",
-                     None, desc) for key, desc in (("same.png", router.descriptor), ("other.png", "color-stats x"),
+    idx.upsert(db, [(key, 10, "e1", 0, "model-facades", "v1", "facades", 2, f"s3://out/{key}", 99, old, stored, None,
+                     None, None, "ok", None, desc) for key, desc in (("same.png", router.descriptor), ("other.png", "color-stats x"),
                                                    ("none.png", None))])
     plan.load_outputs(db, [storage.ObjectInfo(uri=f"s3://out/{k}", key=k, size=99, etag="o", mtime=0.0)
                            for k in ("same.png", "other.png", "none.png")])
