@@ -388,7 +388,9 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
                    help="each training patch is the most textured of this many random positions")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=AdaptSettings.precision,
                    help="training arithmetic (auto: bf16 on CPUs with AVX-512 BF16, else fp32)")
-    p.add_argument("--cpus-per-domain", type=float, default=2.0)
+    p.add_argument("--cpus-per-domain", type=float, default=1.0,
+                   help="CPUs (and torch threads) per domain: a node of N CPUs adapts N / this many domains "
+                        "at once (default 1)")
     p.add_argument("--gpus-per-domain", type=float, default=0.0, help="> 0: each domain trains on a GPU")
     p.add_argument("--routing-encoder", default="color-stats",
                    help="encoder for domain centroids: color-stats (no semantic prior) or a CLIP arch")

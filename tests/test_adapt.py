@@ -38,9 +38,9 @@ def source(tiny_checkpoint):
     return tiny_checkpoint
 
 
-def _domain(root, name: str, n: int = 4, grey: bool = False) -> str:
+def _domain(root, name: str, n: int = 4, grey: bool = False, size: int = 40) -> str:
     for i in range(n):
-        storage.write_bytes_atomic(f"{root}/{name}/{i:02d}.png", _png(i + 10 * len(name), grey))
+        storage.write_bytes_atomic(f"{root}/{name}/{i:02d}.png", _png(i + 10 * len(name), grey, size))
     return f"{root}/{name}"
 
 
@@ -59,6 +59,49 @@ def test_adapt_domain_stores_only_what_changed(source, tmp_path):
     assert changed <= set(model.adaptation_names("adaptive+bias"))
     with pytest.raises(ValueError, match="smaller than one"):
         adapt_domain(model, meta, [s[:10, :10] for s in shots], SETTINGS)
+
+
+def _spans(registry: str, names: list[str]) -> dict[str, tuple[str, str, str]]:
+    """(started, finished, node id) of each domain's first version, as its registry entry recorded."""
+    import json
+
+    runs = {n: json.loads(storage.read_bytes(f"{registry}/{n}/versions/v1.json"))["run"] for n in names}
+    return {n: (r["started"], r["finished"], r["node_id"]) for n, r in runs.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("node_cpus", [(1, 1), (2,)], ids=["two-one-cpu-nodes", "one-two-cpu-node"])
+def test_two_domains_given_two_cpus_run_side_by_side(node_cpus, tiny, tmp_path):
+    """`clipsr adapt` of two domains, one CPU each (the default), joining a cluster through
+    RAY_ADDRESS as a submitted job would: whether the two CPUs are on two nodes or on one, the
+    domains' spans overlap."""
+    import os
+    import subprocess
+    import sys
+
+    from ray.cluster_utils import Cluster
+
+    data = str(tmp_path / "data")
+    folders = {name: _domain(data, name, size=112) for name in ("photos", "pages")}
+    registry = str(tmp_path / "registry")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for cpus in node_cpus:
+            cluster.add_node(num_cpus=cpus)
+        cluster.wait_for_nodes()
+        done = subprocess.run(
+            [sys.executable, "-m", "clipsr.cli", "adapt", "--source-model", tiny[0], "--shots", "4", "--scale", "2",
+             *[a for name, folder in folders.items() for a in ("--domain", f"{name}={folder}")],
+             "--out", registry, "--budget-seconds", "10"],
+            env={**os.environ, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True, timeout=600)
+    finally:
+        cluster.shutdown()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "up to 2 at once" in done.stderr
+    spans = _spans(registry, list(folders))
+    (start_a, end_a, node_a), (start_b, end_b, node_b) = spans.values()
+    assert max(start_a, start_b) < min(end_a, end_b), spans  # ISO times of one format compare as text
+    assert (node_a != node_b) == (len(node_cpus) == 2), spans
 
 
 @pytest.mark.slow
@@ -421,3 +464,15 @@ def test_training_precision_is_resolved_from_the_hardware_and_checked():
     assert resolve_precision("fp32", "cpu") == "fp32"
     with pytest.raises(ValueError, match="precision must be auto, bf16 or fp32"):
         resolve_precision("fp16", "cpu")
+
+
+def test_domains_at_once_counts_the_whole_domains_each_node_holds():
+    from clipsr.adapt.run import domains_at_once
+
+    assert domains_at_once([1.0, 1.0], 1.0) == 2
+    assert domains_at_once([2.0], 1.0) == 2
+    assert domains_at_once([0.0, 16.0], 2.0) == 8  # a head without CPUs runs none
+    assert domains_at_once([1.0, 1.0], 2.0) == 0  # two CPUs, but on no one node
+    assert domains_at_once([3.0], 1.5) == 2 and domains_at_once([1.0], 0.5) == 2
+    with pytest.raises(ValueError, match="cpus_per_domain"):
+        domains_at_once([4.0], 0)

@@ -1,14 +1,21 @@
 """Adapting many domains at once: one Ray task per domain, each publishing to the registry.
 
-A domain is an independent unit of work with its own CPU (or GPU) budget, so on a cluster 20
-domains take about the time of one. Ray tasks rather than Ray Train or Tune: each domain is a
-short single-process job with no gradient exchange and no trial search across domains, and a
-task failure is just that domain's failure. Each task publishes its own result, so a finished
-domain is kept even if the driver dies.
+A domain is an independent unit of work with its own CPU (or GPU) budget, so N domains given N
+times ``cpus_per_domain`` CPUs take about the time of one, on one node or across nodes. Ray tasks
+rather than Ray Train or Tune: each domain is a short single-process job with no gradient exchange
+and no trial search across domains, and a task failure is just that domain's failure. Each task
+publishes its own result, so a finished domain is kept even if the driver dies.
+
+A task asks Ray for ``cpus_per_domain`` CPUs and trains on as many torch threads. One CPU per
+domain is the default: a domain's small network gains little from a second thread (a step on two
+threads takes more than half the time of one), so a node adapts as many domains at once as it
+has CPUs. Each report row and registry entry records when its domain started and finished, and on
+which node, which shows whether domains really ran side by side.
 """
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import io
 import logging
@@ -30,7 +37,23 @@ log = logging.getLogger(__name__)
 REPORT_COLUMNS = (
     "domain", "status", "error", "version", "ref", "promoted", "heldout_psnr_y_before",
     "heldout_psnr_y_after", "gain_db", "steps", "lr", "scope", "shots", "seconds", "model_id",
+    "started", "finished", "node_id",
 )
+
+
+def _iso(epoch: float) -> str:
+    """UTC time to the millisecond: spans of domains a few seconds long must be comparable."""
+    return dt.datetime.fromtimestamp(epoch, dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _node_id() -> str | None:
+    """The Ray node this runs on (None outside Ray, as in ``clipsr bench adapt``)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:  # noqa: BLE001 - informational only
+        return None
 
 
 def read_shots(uris: list[str]) -> tuple[list[np.ndarray], list[dict[str, str]]]:
@@ -64,8 +87,8 @@ def adapt_one(
     from clipsr.registry import Registry
 
     torch.set_num_threads(threads)
-    t0 = time.perf_counter()
-    row: dict[str, Any] = {"domain": spec.name, "status": "failed"}
+    t0, started = time.perf_counter(), time.time()
+    row: dict[str, Any] = {"domain": spec.name, "status": "failed", "started": _iso(started), "node_id": _node_id()}
     try:
         source, smeta, source_files = load_checkpoint_files(source_spec)
         if spec.scale is not None and spec.scale != source.scale:
@@ -106,6 +129,8 @@ def adapt_one(
             "settings": chosen,
             "scores": scores,
             "seconds": time.perf_counter() - t0,
+            "run": {"started": row["started"], "finished": _iso(time.time()), "node_id": row["node_id"],
+                    "threads": threads},
             "code_revision": code_revision(),
             "promoted": promoted,
             "reason": (f"the published weights' Y-PSNR on {len(result.heldout_shots)} held-out exemplars, never "
@@ -126,7 +151,21 @@ def adapt_one(
         log.exception("domain %s failed", spec.name)
         row["error"] = f"{type(e).__name__}: {e}"
     row["seconds"] = round(time.perf_counter() - t0, 2)
+    row["finished"] = _iso(time.time())
     return row
+
+
+def domains_at_once(node_cpus: list[float], cpus_per_domain: float) -> int:
+    """How many domains of ``cpus_per_domain`` CPUs the nodes (their CPU counts) run at once."""
+    if cpus_per_domain <= 0:
+        raise ValueError(f"cpus_per_domain must be > 0, got {cpus_per_domain}")
+    return sum(int(cpus / cpus_per_domain + 1e-9) for cpus in node_cpus)
+
+
+def _cluster_cpus() -> list[float]:
+    import ray
+
+    return [float(n["Resources"].get("CPU", 0.0)) for n in ray.nodes() if n.get("Alive")]
 
 
 def adapt_many(
@@ -142,6 +181,12 @@ def adapt_many(
         raise ValueError(f"domain names must be unique, got {names}")
     if gpus_per_domain > 0:
         settings = dataclasses.replace(settings, device="cuda")
+    at_once = domains_at_once(_cluster_cpus(), cpus_per_domain)
+    if at_once == 0:
+        log.warning("no node has %g CPUs for a domain: the domains wait until one joins (an autoscaler's); "
+                    "lower --cpus-per-domain to use the nodes there are", cpus_per_domain)
+    else:
+        log.info("%d domain(s), %g CPU(s) each: up to %d at once on this cluster", len(specs), cpus_per_domain, at_once)
     task = ray.remote(num_cpus=cpus_per_domain, num_gpus=gpus_per_domain, max_retries=0)(adapt_one)
     threads = max(1, int(round(cpus_per_domain)))
     refs = {task.remote(s, source_spec, settings, registry_uri, routing_encoder, threads): s.name for s in specs}
