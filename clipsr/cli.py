@@ -266,7 +266,11 @@ def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
     q.add_argument("--source-model", default="default")
     q.add_argument("--data", type=_name_eq_uri, action="append", required=True, metavar="NAME=DIR")
     q.add_argument("--shots", type=_positive_int, default=10)
-    q.add_argument("--budget-seconds", type=float, default=270.0, help="adaptation's time budget per domain")
+    q.add_argument("--steps", type=_positive_int, default=AdaptSettings.steps,
+                   help=f"adaptation's training steps per domain; the baseline trains as many "
+                        f"(default {AdaptSettings.steps})")
+    q.add_argument("--budget-seconds", type=_cap_seconds, default=AdaptSettings.budget_seconds,
+                   help="adaptation's safety cap on seconds per domain (0: none)")
     q.add_argument("--patch-tries", type=_positive_int, default=AdaptSettings.patch_tries,
                    help="adaptation: each patch the most textured of this many positions")
     q.add_argument("--candidate", action="append", type=_scope_at_lr, metavar="SCOPE@LR",
@@ -287,7 +291,7 @@ def _run_bench_adapt(args: argparse.Namespace) -> int:
     from clipsr.bench.adapt import bench_adaptation
 
     result = bench_adaptation(args.source_model, {k: storage.absolute(v) for k, v in args.data}, args.shots,
-                              args.budget_seconds, args.finetune_lr, args.threads, seed=args.seed,
+                              args.steps, args.budget_seconds, args.finetune_lr, args.threads, seed=args.seed,
                               patch_tries=args.patch_tries, device=args.device, precision=args.precision,
                               candidates=tuple(args.candidate or AdaptSettings.candidates))
     storage.write_bytes_atomic(args.out, json.dumps(result, indent=2).encode())
@@ -365,6 +369,17 @@ def _scope_at_lr(text: str) -> tuple[str, float]:
     return scope, float(lr)
 
 
+def _cap_seconds(text: str) -> float | None:
+    """A safety cap in seconds; 0 means none."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 (0: no cap), got {value:g}")
+    return value or None
+
+
 def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "adapt",
@@ -382,8 +397,12 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--candidate", action="append", type=_scope_at_lr, metavar="SCOPE@LR",
                    help="a (scope, learning rate) to probe, e.g. adaptive+bias@2e-3 or all@3e-4 (repeat); "
                         "the best on the held-out exemplars is trained on (default: all@2e-3)")
-    p.add_argument("--budget-seconds", type=float, default=270.0,
-                   help="time per domain, probing the candidates and training the best (default 270)")
+    p.add_argument("--steps", type=_positive_int, default=AdaptSettings.steps,
+                   help="training steps per domain: the budget, so the same exemplars, seed and settings give "
+                        f"the same model on any machine (default {AdaptSettings.steps})")
+    p.add_argument("--budget-seconds", type=_cap_seconds, default=AdaptSettings.budget_seconds,
+                   help="a safety cap, not a budget: a domain still training after this many seconds stops "
+                        f"there and records 'time cap' (0: no cap; default {AdaptSettings.budget_seconds:g})")
     p.add_argument("--patch-tries", type=_positive_int, default=AdaptSettings.patch_tries,
                    help="each training patch is the most textured of this many random positions")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=AdaptSettings.precision,
@@ -414,8 +433,8 @@ def _run_adapt(args: argparse.Namespace) -> int:
         specs += load_specs(args.spec)
     if not specs:
         raise ValueError("give at least one --domain NAME=DIR or a --spec file")
-    settings = AdaptSettings(budget_seconds=args.budget_seconds, seed=args.seed, patch_tries=args.patch_tries,
-                             precision=args.precision)
+    settings = AdaptSettings(steps=args.steps, budget_seconds=args.budget_seconds, seed=args.seed,
+                             patch_tries=args.patch_tries, precision=args.precision)
     if args.candidate:
         settings = dataclasses.replace(settings, candidates=tuple(args.candidate))
     encoder = {"arch": args.routing_encoder, "weights": args.routing_encoder_weights, "seed": 0}

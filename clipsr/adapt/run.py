@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from clipsr import imaging, storage
-from clipsr.adapt.fast import adapt_domain, resolve_precision
+from clipsr.adapt.fast import STOP_STEPS, adapt_domain, resolve_precision
 from clipsr.adapt.settings import AdaptSettings
 from clipsr.adapt.spec import DomainSpec
 from clipsr.factory import encode_checkpoint, load_checkpoint_files
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 REPORT_COLUMNS = (
     "domain", "status", "error", "version", "ref", "promoted", "heldout_psnr_y_before",
-    "heldout_psnr_y_after", "gain_db", "steps", "lr", "scope", "shots", "seconds", "model_id",
+    "heldout_psnr_y_after", "gain_db", "steps", "stop_reason", "lr", "scope", "shots", "seconds", "model_id",
     "started", "finished", "node_id",
 )
 
@@ -106,8 +106,10 @@ def adapt_one(
             "gain_db": result.gain_db, "heldout_shots": len(result.heldout_shots),
             "gate": "heldout_psnr_y_after > heldout_psnr_y_before", "selection_curve": result.curve,
         }
-        chosen = {"scope": result.scope, "lr": result.lr, "steps": result.steps,
-                  "probe_steps": result.probe_steps, "selection": dataclasses.asdict(settings)}
+        # steps: what the published weights trained; stop_reason: "steps" when that is every step
+        # planned (settings.steps), "time cap" when the safety cap on seconds cut it short.
+        chosen = {"scope": result.scope, "lr": result.lr, "steps": result.steps, "probe_steps": result.probe_steps,
+                  "stop_reason": result.stop_reason, "selection": dataclasses.asdict(settings)}
         data, meta = encode_checkpoint(
             result.model, smeta["arch"]["name"], clip_encoder=smeta["clip_encoder"],
             training_data={"domain": spec.name, "exemplars": exemplars},
@@ -144,7 +146,8 @@ def adapt_one(
         row.update(
             status="ok", version=published.version, ref=published.ref, promoted=promoted,
             heldout_psnr_y_before=result.heldout_before, heldout_psnr_y_after=result.heldout_after,
-            gain_db=result.gain_db, steps=result.steps, lr=result.lr, scope=result.scope,
+            gain_db=result.gain_db, steps=result.steps, stop_reason=result.stop_reason, lr=result.lr,
+            scope=result.scope,
             shots=len(shots), model_id=meta["id"],
         )
     except Exception as e:  # noqa: BLE001 - one domain's failure must not stop the others
@@ -228,6 +231,8 @@ def format_report(rows: list[dict[str, Any]]) -> str:
             lines.append(f"{r['domain']:<16}{r['status']:<8}{'':>57}  {r.get('error', '')}")
             continue
         note = "promoted" if r["promoted"] else "NOT promoted (no held-out gain)"
+        if r.get("stop_reason") not in (None, STOP_STEPS):
+            note += f"; stopped early: {r['stop_reason']}"
         lines.append(
             f"{r['domain']:<16}{r['status']:<8}{'v' + str(r['version']):>8}{r['heldout_psnr_y_before']:>9.3f}"
             f"{r['heldout_psnr_y_after']:>9.3f}{r['gain_db']:>+9.3f}{r['steps']:>7}{r['lr']:>9.1e}"
