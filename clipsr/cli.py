@@ -282,6 +282,7 @@ def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
                    help="learning rate of the plain fine-tuning baseline (0: leave the baseline out)")
     q.add_argument("--threads", type=_positive_int, default=2)
     q.add_argument("--seed", type=int, default=0, help="seed of both trainings (patches, initial state)")
+    q.add_argument("--clip-weights", help="CLIP weights file/URI, for a source model trained with one")
     q.add_argument("--out", default="docs/bench/adapt.json")
     q.set_defaults(func=_run_bench_adapt)
 
@@ -293,7 +294,8 @@ def _run_bench_adapt(args: argparse.Namespace) -> int:
     result = bench_adaptation(args.source_model, {k: storage.absolute(v) for k, v in args.data}, args.shots,
                               args.steps, args.budget_seconds, args.finetune_lr, args.threads, seed=args.seed,
                               patch_tries=args.patch_tries, device=args.device, precision=args.precision,
-                              candidates=tuple(args.candidate or AdaptSettings.candidates))
+                              candidates=tuple(args.candidate or AdaptSettings.candidates),
+                              clip_weights=args.clip_weights)
     storage.write_bytes_atomic(args.out, json.dumps(result, indent=2).encode())
     print(f"written to {args.out}")
     return 0
@@ -414,6 +416,8 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--routing-encoder", default="color-stats",
                    help="encoder for domain centroids: color-stats (no semantic prior) or a CLIP arch")
     p.add_argument("--routing-encoder-weights", help="weights file/URI for a CLIP routing encoder")
+    p.add_argument("--clip-weights", help="CLIP weights file/URI, for a source model trained with one: adaptation "
+                                          "runs it as inference will, and refuses other weights")
     p.add_argument("--report", help="report path/URI without extension (default REGISTRY/_reports/<time>)")
     p.add_argument("--seed", type=int, default=0)
     _usage_errors_exit_1(p)
@@ -447,7 +451,8 @@ def _run_adapt(args: argparse.Namespace) -> int:
         print(f"[{row['domain']}] {row['status']}: {what} ({row['seconds']:.0f}s)", file=sys.stderr, flush=True)
 
     rows = adapt_many(specs, args.source_model, settings, out, encoder,
-                      cpus_per_domain=args.cpus_per_domain, gpus_per_domain=args.gpus_per_domain, on_done=done)
+                      cpus_per_domain=args.cpus_per_domain, gpus_per_domain=args.gpus_per_domain, on_done=done,
+                      clip_weights=args.clip_weights)
     base = args.report or storage.join(out, f"_reports/{utc_now().replace(':', '')}")
     json_uri, _ = write_report(rows, base)
     print(format_report(rows))

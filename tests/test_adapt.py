@@ -499,3 +499,87 @@ def test_domains_at_once_counts_the_whole_domains_each_node_holds():
     assert domains_at_once([3.0], 1.5) == 2 and domains_at_once([1.0], 0.5) == 2
     with pytest.raises(ValueError, match="cpus_per_domain"):
         domains_at_once([4.0], 0)
+
+
+@pytest.mark.slow
+def test_a_clip_conditioned_model_from_pretraining_to_enhancement(ray_local, tmp_path, capsys):
+    """The tiny CLIP tower through every step: pretraining embeds each image's LR and trains the
+    null embedding too; adaptation conditions on the exemplars' LR and scores as `clipsr
+    evaluate` does; the registry, the evaluation report and the manifest name the encoder; and
+    an adapted model given another encoder's weights is refused."""
+    import io
+    import json
+
+    import pyarrow.parquet as pq
+    from safetensors.torch import save_file
+
+    from clipsr.cli import main
+    from clipsr.clip import TINY_ARCH, ClipEncoder
+    from clipsr.registry import Registry
+    from clipsr.train.embeddings import lr_view
+    from clipsr.train.settings import load_settings
+    from clipsr.train.trainer import pretrain
+
+    data = str(tmp_path / "data")
+    roots = [_domain(data, name, n=3, size=48) for name in ("src-a", "src-b")]
+    s = load_settings(None, [
+        "name=clip", f"storage_path={tmp_path / 'runs'}", f"data.train={roots}", "model.arch=cdasr-tiny",
+        "model.scale=2", "batch.size=2", "batch.lr_patch=12", "optim.steps=6", "optim.warmup=1",
+        "checkpoint.every=6", "validation.log_every=6", "validation.every=6", "episodes.enabled=false",
+        "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
+        f"clip.arch={TINY_ARCH}", "clip.null_rate=0.5",
+    ])
+    source = pretrain(s)
+    tower = ClipEncoder.load(TINY_ARCH, seed=0)
+    identity = tower.identity.to_dict()
+    assert source["clip_encoder"] == identity and "LR" in source["training_data"]["conditioning"]
+    # the cached embeddings are those of each training image's x2 LR, as inference would embed it
+    table = pq.read_table(io.BytesIO(storage.read_bytes(
+        f"{tmp_path}/runs/clip/embeddings/{identity['sha256'][:16]}-x2.parquet"))).to_pydict()
+    uri = table["uri"][0]
+    hr = np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB"))
+    np.testing.assert_allclose(table["embedding"][0], tower.embed_images([lr_view(hr, 2)])[0], atol=1e-5)
+    # the null embedding trained (half of the samples dropped their vector), not left at its start
+    torch.manual_seed(s["seed"])
+    start = create_model("cdasr-tiny", 2).adaptive.null_embedding
+    trained, _ = load_checkpoint(source["uri"])
+    assert not torch.allclose(trained.adaptive.null_embedding, start)
+
+    folder = _domain(data, "maps", n=4, size=112)
+    registry = str(tmp_path / "registry")
+    assert main(["adapt", "--source-model", source["uri"], "--domain", f"maps={folder}", "--shots", "4",
+                 "--scale", "2", "--steps", "6", "--out", registry]) == 0
+    entry = Registry(registry).get("maps", 1)
+    assert entry.doc["clip_encoder"] == identity
+    ref = f"{registry}/maps/v1"
+
+    # `clipsr evaluate` on the two held-out exemplars (the folder's last two) gives the score the
+    # adaptation recorded: the same conditioning, the encoder included
+    report = tmp_path / "r.json"
+    assert main(["evaluate", "--model", ref, "--scale", "2", "--data", f"maps={folder}", "--skip-first", "2",
+                 "--report", str(report)]) == 0
+    evaluated = json.loads(report.read_text())
+    assert evaluated["datasets"]["maps"]["psnr_y"] == pytest.approx(entry.doc["scores"]["heldout_psnr_y_after"],
+                                                                     abs=1e-9)
+    assert evaluated["model"]["clip_encoder"] == identity
+
+    Registry(registry).set_current("maps", 1)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    storage.write_bytes_atomic(str(inputs / "page.png"), _png(101, size=48))
+    assert main(["enhance", "--input", str(inputs), "--output", str(out), "--models", registry, "--domain", "maps",
+                 "--model", source["uri"], "--scale", "2", "--threads", "1", "--device", "cpu"]) == 0
+    rows = pq.read_table(str(out / "_manifests")).to_pylist()
+    assert [(r["status"], r["model_id"]) for r in rows] == [("ok", entry.doc["model"]["id"])]
+    assert rows[0]["clip_encoder"] == f"{TINY_ARCH} random:0 sha256:{identity['sha256'][:12]}"
+
+    # another tower's weights: refused by evaluation and by adaptation
+    other = tmp_path / "other-tower.safetensors"
+    save_file({k: v.contiguous() for k, v in ClipEncoder.load(TINY_ARCH, seed=1).visual.state_dict().items()},
+              str(other))
+    capsys.readouterr()
+    assert main(["evaluate", "--model", ref, "--scale", "2", "--data", f"maps={folder}", "--skip-first", "2",
+                 "--report", str(report), "--clip-weights", str(other)]) == 1
+    assert "CLIP encoder mismatch" in capsys.readouterr().err
+    assert main(["adapt", "--source-model", ref, "--domain", f"maps={folder}", "--shots", "4", "--scale", "2",
+                 "--steps", "6", "--out", registry, "--clip-weights", str(other)]) == 2
+    assert "CLIP encoder mismatch" in capsys.readouterr().out

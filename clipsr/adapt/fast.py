@@ -20,6 +20,11 @@ Every step samples aligned patches of the exemplars degraded whole (clipsr.adapt
 the L1 distance of luma (the channel the domain is scored on), warms its learning rate up over the
 first ``warmup_steps``, and runs in bf16 where the CPU computes it natively.
 
+A source model conditioned on a CLIP encoder is adapted and scored as inference will run it: each
+patch is conditioned on the embedding of its exemplar's whole LR (what inference embeds is the LR
+input), and the held-out shots are scored through the same upscaler, encoder included. A model
+without an encoder trains and is scored on its null embedding.
+
 The weights returned are scored on the held-out shots after their last step, and that score
 decides promotion: the gate judges exactly the model that is published, on exemplars it never
 saw. The price is two fewer training exemplars (of ten, by default). With several candidates the
@@ -34,7 +39,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -48,6 +53,9 @@ from clipsr.metrics import Y_WEIGHTS, psnr
 from clipsr.models.cdasr import CDASR
 from clipsr.train.episodes import inner_loop
 
+if TYPE_CHECKING:  # open_clip is a heavy import, and only conditioned models need it
+    from clipsr.clip import ImageEncoder
+
 #: Why training stopped: every planned step ran, or the safety cap on seconds was reached first.
 STOP_STEPS, STOP_TIME_CAP = "steps", "time cap"
 
@@ -60,6 +68,7 @@ class AdaptResult:
     steps: int  # steps the returned weights trained (hold and decay)
     probe_steps: int  # of which at the constant learning rate
     stop_reason: str  # STOP_STEPS or STOP_TIME_CAP
+    shot_lrs: list[np.ndarray]  # each shot degraded whole (uint8): what inference would be given
     train_shots: list[int]  # indices of the shots the returned weights trained on
     heldout_shots: list[int]  # the others: they never trained, they choose and score
     heldout_before: float  # the source model on the held-out shots
@@ -81,12 +90,13 @@ def resolve_precision(precision: str, device: str) -> str:
     return inference.resolve_precision(precision, device)  # the same rule as inference
 
 
-def heldout_psnr(model: CDASR, meta: dict[str, Any], pairs: list[ShotPair], device: str = "cpu") -> float:
+def heldout_psnr(model: CDASR, meta: dict[str, Any], pairs: list[ShotPair], device: str = "cpu",
+                 encoder: ImageEncoder | None = None) -> float:
     """Mean Y-PSNR of ``model`` on whole exemplars under the evaluation protocol (fp32; the same
-    figure as ``clipsr evaluate``, from the LR each exemplar was degraded to once, and without the
-    SSIM that evaluation adds)."""
+    figure as ``clipsr evaluate`` with the same encoder, from the LR each exemplar was degraded to
+    once, and without the SSIM that evaluation adds)."""
     scale = int(meta["scale"])
-    up = NetworkUpscaler(model, {**meta, "clip_encoder": None}, encoder=None, device=device)
+    up = NetworkUpscaler(model, meta, encoder=encoder, device=device)
     return float(np.mean([
         psnr(imaging.to_uint8(up.upscale(p.lr.astype(np.float32) / 255.0)), p.hr, crop_border=scale)
         for p in pairs
@@ -126,7 +136,8 @@ class Trajectory:
     """A copy of the source model being tuned: its parameters in ``scope``, their Adam state, and
     the shots it samples patches from."""
 
-    def __init__(self, source: CDASR, scope: str, lr: float, pairs: list[ShotPair], s: AdaptSettings) -> None:
+    def __init__(self, source: CDASR, scope: str, lr: float, pairs: list[ShotPair], s: AdaptSettings,
+                 embeddings: torch.Tensor | None = None) -> None:
         self.model = copy.deepcopy(source).to(s.device).train()
         self.scope, self.lr, self.s = scope, lr, s
         self.autocast = {"device_type": torch.device(s.device).type, "dtype": torch.bfloat16,
@@ -136,6 +147,7 @@ class Trajectory:
         self.loss = LOSSES[s.loss]
         self.steps = 0
         self.sampler = ShotSampler(pairs, self.model.scale, s.lr_patch, seed=s.seed, tries=s.patch_tries)
+        self.embeddings = None if embeddings is None else embeddings.to(s.device)  # [shots, D], by shot index
 
     def step(self, lr: float) -> None:
         """One Adam step at ``lr``, scaled down linearly over the first ``warmup_steps``: Adam's
@@ -144,8 +156,9 @@ class Trajectory:
         lr *= min(1.0, (self.steps + 1) / max(self.s.warmup_steps, 1))
         for group in self.opt.param_groups:
             group["lr"] = lr
-        lr_img, hr_img, _ = self.sampler.sample(self.s.batch)
-        batch = [(lr_img.to(self.s.device), hr_img.to(self.s.device), None)]
+        lr_img, hr_img, shots = self.sampler.sample(self.s.batch)
+        emb = None if self.embeddings is None else self.embeddings[shots]
+        batch = [(lr_img.to(self.s.device), hr_img.to(self.s.device), emb)]
         with torch.autocast(**self.autocast):
             inner_loop(self.model, self.params, batch, lr, self.loss, optimizer=self.opt)
         self.steps += 1
@@ -160,8 +173,18 @@ class Trajectory:
         return True
 
 
-def adapt_domain(source: CDASR, meta: dict[str, Any], shots: list[np.ndarray], s: AdaptSettings) -> AdaptResult:
-    """Adapt ``source`` to the domain of ``shots`` (uint8 HxWx3 HR images, in sorted order)."""
+def shot_embeddings(pairs: list[ShotPair], encoder: ImageEncoder | None) -> torch.Tensor | None:
+    """[shots, D]: each exemplar's whole LR embedded once, as inference embeds its input (None
+    without an encoder: the null embedding)."""
+    if encoder is None:
+        return None
+    return torch.from_numpy(encoder.embed_images([p.lr for p in pairs]))
+
+
+def adapt_domain(source: CDASR, meta: dict[str, Any], shots: list[np.ndarray], s: AdaptSettings,
+                 encoder: ImageEncoder | None = None) -> AdaptResult:
+    """Adapt ``source`` to the domain of ``shots`` (uint8 HxWx3 HR images, in sorted order);
+    ``encoder``: the CLIP encoder the source model is conditioned on (see ``load_encoder_for``)."""
     t0 = time.perf_counter()
     deadline = t0 + s.budget_seconds if s.budget_seconds else math.inf
     if s.steps < 1:
@@ -174,37 +197,40 @@ def adapt_domain(source: CDASR, meta: dict[str, Any], shots: list[np.ndarray], s
     torch.manual_seed(s.seed)
     n_fit = len(shots) - s.holdout
     fit, held = pairs[:n_fit], pairs[n_fit:]
-    before = heldout_psnr(source, meta, held, s.device)
+    embeddings = shot_embeddings(pairs, encoder)
+    before = heldout_psnr(source, meta, held, s.device, encoder)
 
     curve: dict[str, list[tuple[int, float]]] = {}
     hold = hold_steps(s)
     on_time = True
     if len(s.candidates) == 1:
-        chosen = Trajectory(source, *s.candidates[0], fit, s)
+        chosen = Trajectory(source, *s.candidates[0], fit, s, embeddings)
     else:  # every candidate through the hold, then the best on the held-out shots
         probed: list[tuple[float, Trajectory]] = []
         for scope, lr in s.candidates:
-            trajectory = Trajectory(source, scope, lr, fit, s)
+            trajectory = Trajectory(source, scope, lr, fit, s, embeddings)
             on_time = trajectory.run_to(hold, deadline)
-            score = heldout_psnr(trajectory.model, meta, held, s.device)
+            score = heldout_psnr(trajectory.model, meta, held, s.device, encoder)
             curve[f"{scope}@{lr:g}"] = [(trajectory.steps, score)]
             probed.append((score, trajectory))
             if not on_time:
                 break
         _, chosen = max(probed, key=lambda p: p[0])
     on_time = on_time and chosen.run_to(s.steps, deadline)
-    after = heldout_psnr(chosen.model, meta, held, s.device)
+    after = heldout_psnr(chosen.model, meta, held, s.device, encoder)
     curve.setdefault(f"{chosen.scope}@{chosen.lr:g}", []).append((chosen.steps, after))
     return AdaptResult(chosen.model.cpu().eval(), chosen.scope, chosen.lr, chosen.steps, min(hold, chosen.steps),
-                       STOP_STEPS if on_time else STOP_TIME_CAP, list(range(n_fit)),
+                       STOP_STEPS if on_time else STOP_TIME_CAP, [p.lr for p in pairs], list(range(n_fit)),
                        list(range(n_fit, len(shots))), before, after, curve, time.perf_counter() - t0)
 
 
-def plain_finetune(source: CDASR, shots: list[np.ndarray], lr: float, steps: int, s: AdaptSettings) -> CDASR:
+def plain_finetune(source: CDASR, shots: list[np.ndarray], lr: float, steps: int, s: AdaptSettings,
+                   encoder: ImageEncoder | None = None) -> CDASR:
     """The baseline: every weight, one fixed learning rate, RGB L1, no warm-up, all shots, for
     ``steps`` steps (no selection, nothing held out)."""
     plain = dataclasses.replace(s, patch_tries=1, loss="l1", warmup_steps=0)
-    trajectory = Trajectory(source, "all", lr, degrade_shots(shots, source.scale, s.lr_patch), plain)
+    pairs = degrade_shots(shots, source.scale, s.lr_patch)
+    trajectory = Trajectory(source, "all", lr, pairs, plain, shot_embeddings(pairs, encoder))
     for _ in range(steps):
         trajectory.step(lr)
     return trajectory.model.cpu().eval()

@@ -29,7 +29,7 @@ from clipsr import imaging, storage
 from clipsr.adapt.fast import STOP_STEPS, adapt_domain, resolve_precision
 from clipsr.adapt.settings import AdaptSettings
 from clipsr.adapt.spec import DomainSpec
-from clipsr.factory import encode_checkpoint, load_checkpoint_files
+from clipsr.factory import encode_checkpoint, load_checkpoint_files, load_encoder_for
 from clipsr.provenance import code_revision, utc_now
 
 log = logging.getLogger(__name__)
@@ -81,9 +81,10 @@ def _centroid(shots: list[np.ndarray], encoder_spec: dict[str, Any]) -> tuple[np
 
 def adapt_one(
     spec: DomainSpec, source_spec: str, settings: AdaptSettings, registry_uri: str,
-    routing_encoder: dict[str, Any], threads: int,
+    routing_encoder: dict[str, Any], threads: int, clip_weights: str | None = None,
 ) -> dict[str, Any]:
-    """Adapt and publish one domain; never raises: a failure is a report row."""
+    """Adapt and publish one domain; never raises: a failure is a report row. ``clip_weights``: the
+    weights of the CLIP encoder a conditioned source model was trained with (as for evaluate)."""
     from clipsr.registry import Registry
 
     torch.set_num_threads(threads)
@@ -93,14 +94,17 @@ def adapt_one(
         source, smeta, source_files = load_checkpoint_files(source_spec)
         if spec.scale is not None and spec.scale != source.scale:
             raise ValueError(f"domain asks for x{spec.scale}, the source model is x{source.scale}")
+        # A conditioned model adapts with the encoder it will run with (refused if it differs).
+        encoder = load_encoder_for(smeta, clip_weights)
         uris = spec.exemplar_uris()
         shots, exemplars = read_shots(uris)
         # Recorded as it ran: "auto" precision resolved on this worker's hardware.
         settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
-        result = adapt_domain(source, smeta, shots, settings)
+        result = adapt_domain(source, smeta, shots, settings, encoder)
         role = {**dict.fromkeys(result.train_shots, "train"), **dict.fromkeys(result.heldout_shots, "heldout")}
         exemplars = [{**e, "role": role[i]} for i, e in enumerate(exemplars)]
-        centroid, centroid_encoder = _centroid(shots, routing_encoder)
+        # of the shots' LR: routing embeds each input as it comes, which is an LR image
+        centroid, centroid_encoder = _centroid(result.shot_lrs, routing_encoder)
         scores = {
             "heldout_psnr_y_before": result.heldout_before, "heldout_psnr_y_after": result.heldout_after,
             "gain_db": result.gain_db, "heldout_shots": len(result.heldout_shots),
@@ -174,7 +178,7 @@ def _cluster_cpus() -> list[float]:
 def adapt_many(
     specs: list[DomainSpec], source_spec: str, settings: AdaptSettings, registry_uri: str,
     routing_encoder: dict[str, Any], cpus_per_domain: float = 1.0, gpus_per_domain: float = 0.0,
-    on_done: Callable[[dict[str, Any]], None] | None = None,
+    on_done: Callable[[dict[str, Any]], None] | None = None, clip_weights: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run :func:`adapt_one` for every spec as Ray tasks; rows come back in spec order."""
     import ray
@@ -192,7 +196,8 @@ def adapt_many(
         log.info("%d domain(s), %g CPU(s) each: up to %d at once on this cluster", len(specs), cpus_per_domain, at_once)
     task = ray.remote(num_cpus=cpus_per_domain, num_gpus=gpus_per_domain, max_retries=0)(adapt_one)
     threads = max(1, int(round(cpus_per_domain)))
-    refs = {task.remote(s, source_spec, settings, registry_uri, routing_encoder, threads): s.name for s in specs}
+    refs = {task.remote(s, source_spec, settings, registry_uri, routing_encoder, threads, clip_weights): s.name
+            for s in specs}
     rows: dict[str, dict[str, Any]] = {}
     pending = list(refs)
     while pending:

@@ -22,7 +22,7 @@ from clipsr.adapt.settings import AdaptSettings
 from clipsr.adapt.spec import DomainSpec
 from clipsr.bench.inference import environment
 from clipsr.evaluate import evaluate
-from clipsr.factory import load_checkpoint, load_upscaler
+from clipsr.factory import load_checkpoint, load_encoder_for, load_upscaler
 from clipsr.inference import NetworkUpscaler
 
 
@@ -34,6 +34,7 @@ def bench_adaptation(
     source: str, domains: dict[str, str], shots: int, steps: int, budget_seconds: float | None, finetune_lr: float,
     threads: int, seed: int = 0, patch_tries: int = AdaptSettings.patch_tries, device: str = "cpu",
     precision: str = AdaptSettings.precision, candidates: tuple[tuple[str, float], ...] = AdaptSettings.candidates,
+    clip_weights: str | None = None,
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
     settings = AdaptSettings(candidates=candidates, steps=steps, budget_seconds=budget_seconds, seed=seed,
@@ -43,15 +44,17 @@ def bench_adaptation(
                            "finetune_lr": finetune_lr, "patch_tries": patch_tries, "seed": seed, "device": device,
                            "precision": resolve_precision(precision, device), "domains": {}}
     src_model, src_meta = load_checkpoint(source)
+    encoder = load_encoder_for(src_meta, clip_weights)
     with tempfile.TemporaryDirectory() as registry:
         for name, folder in domains.items():
-            base = _score(load_upscaler(source), name, folder, shots)
+            base = _score(load_upscaler(source, clip_weights=clip_weights), name, folder, shots)
             print(f"[{name}] source model: {base:.3f} dB", flush=True)
             row = adapt_one(DomainSpec.shorthand(f"{name}={folder}", shots, None), source, settings,
-                            registry, {"arch": "color-stats"}, threads)
+                            registry, {"arch": "color-stats"}, threads, clip_weights)
             if row["status"] != "ok":
                 raise RuntimeError(f"adapting {name} failed: {row['error']}")
-            adapted = _score(load_upscaler(f"{registry}/{name}/v{row['version']}"), name, folder, shots)
+            adapted = _score(load_upscaler(f"{registry}/{name}/v{row['version']}", clip_weights=clip_weights),
+                             name, folder, shots)
             print(f"[{name}] adapted: {adapted:.3f} dB ({adapted - base:+.3f}), {row['scope']} "
                   f"{row['steps']} steps ({row['stop_reason']}) at lr {row['lr']:g}, {row['seconds']:.0f} s, held-out "
                   f"{row['gain_db']:+.3f} ({'promoted' if row['promoted'] else 'not promoted'})", flush=True)
@@ -67,9 +70,9 @@ def bench_adaptation(
                 continue
             imgs, _ = read_shots(storage.list_images(folder)[:shots])
             t0 = time.perf_counter()
-            tuned = plain_finetune(src_model, imgs, finetune_lr, row["steps"], settings)
+            tuned = plain_finetune(src_model, imgs, finetune_lr, row["steps"], settings, encoder)
             tuned_seconds = time.perf_counter() - t0
-            fine = _score(NetworkUpscaler(tuned, {**src_meta, "id": "fine-tuned"}), name, folder, shots)
+            fine = _score(NetworkUpscaler(tuned, {**src_meta, "id": "fine-tuned"}, encoder=encoder), name, folder, shots)
             print(f"[{name}] plain fine-tuning: {fine:.3f} dB ({fine - base:+.3f}), {row['steps']} steps, "
                   f"{tuned_seconds:.0f} s", flush=True)
             out["domains"][name]["finetuned"] = {"psnr_y": fine, "gain_db": fine - base, "steps": row["steps"],
