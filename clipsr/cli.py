@@ -426,6 +426,7 @@ def _add_adapt(sub: argparse._SubParsersAction) -> None:
 
 def _run_adapt(args: argparse.Namespace) -> int:
     from clipsr import storage
+    from clipsr.adapt.progress import ProgressBoard
     from clipsr.adapt.run import adapt_many, format_report, write_report
     from clipsr.adapt.settings import AdaptSettings
     from clipsr.adapt.spec import DomainSpec, load_specs
@@ -446,13 +447,18 @@ def _run_adapt(args: argparse.Namespace) -> int:
     init_ray()
     print(f"adapting {len(specs)} domain(s) from {args.source_model} into {out}", file=sys.stderr, flush=True)
 
+    board = ProgressBoard({s.name: settings.planned_steps() for s in specs})
+
     def done(row: dict[str, Any]) -> None:
         what = f"v{row['version']} gain {row['gain_db']:+.3f} dB" if row["status"] == "ok" else row["error"]
-        print(f"[{row['domain']}] {row['status']}: {what} ({row['seconds']:.0f}s)", file=sys.stderr, flush=True)
+        board.finished(row, f"[{row['domain']}] {row['status']}: {what} ({row['seconds']:.0f}s)")
 
-    rows = adapt_many(specs, args.source_model, settings, out, encoder,
-                      cpus_per_domain=args.cpus_per_domain, gpus_per_domain=args.gpus_per_domain, on_done=done,
-                      clip_weights=args.clip_weights)
+    try:
+        rows = adapt_many(specs, args.source_model, settings, out, encoder,
+                          cpus_per_domain=args.cpus_per_domain, gpus_per_domain=args.gpus_per_domain, on_done=done,
+                          clip_weights=args.clip_weights, on_progress=board.update)
+    finally:
+        board.close()
     base = args.report or storage.join(out, f"_reports/{utc_now().replace(':', '')}")
     json_uri, _ = write_report(rows, base)
     print(format_report(rows))

@@ -117,10 +117,22 @@ def test_parallel_domains_publish_and_a_broken_one_is_reported(ray_local, s3_buc
     registry = f"{s3_bucket}/registry"
     specs = [DomainSpec.shorthand(f"photos={good_a}", 4, 2), DomainSpec.shorthand(f"pages={good_b}", 4, 2),
              DomainSpec.shorthand(f"broken={broken}", 4, 2)]
-    rows = adapt_many(specs, source, SETTINGS, registry, {"arch": "color-stats"}, cpus_per_domain=0.5)
+    events, finished = [], []
+    rows = adapt_many(specs, source, SETTINGS, registry, {"arch": "color-stats"}, cpus_per_domain=0.5,
+                      on_progress=lambda e: events.append((e, len(finished))), on_done=finished.append)
 
     by = {r["domain"]: r for r in rows}
     assert by["broken"]["status"] == "failed" and "01.png" in by["broken"]["error"]
+    # each domain's progress reached the driver while it trained, not only when it ended
+    for name in ("photos", "pages"):
+        mine = [(e, ended) for e, ended in events if e.domain == name]
+        ended_at = [r["domain"] for r in finished].index(name)
+        assert any(e.steps < e.total and ended <= ended_at for e, ended in mine), mine
+        assert [e.steps for e, _ in mine] == sorted(e.steps for e, _ in mine)
+        last = mine[-1][0]
+        assert (last.phase, last.steps, last.total) == ("scored", 16, 16)
+        assert last.heldout_gain_db == pytest.approx(by[name]["gain_db"])
+    assert not [e for e, _ in events if e.domain == "broken"]  # it failed reading its exemplars
     reg = Registry(registry)
     for name in ("photos", "pages"):
         row = by[name]
@@ -583,3 +595,38 @@ def test_a_clip_conditioned_model_from_pretraining_to_enhancement(ray_local, tmp
     assert main(["adapt", "--source-model", ref, "--domain", f"maps={folder}", "--shots", "4", "--scale", "2",
                  "--steps", "6", "--out", registry, "--clip-weights", str(other)]) == 2
     assert "CLIP encoder mismatch" in capsys.readouterr().out
+
+
+def test_the_progress_board_shows_every_running_domain_and_each_one_that_ends():
+    from clipsr.adapt.progress import DomainProgress, ProgressBoard
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    out, clock = io.StringIO(), Clock()
+    board = ProgressBoard({"manga": 600, "urban": 200, "maps": 600}, stream=out, every_s=10, clock=clock)
+    for t in range(1, 51):  # two domains at 4 steps a second; urban is scored at 50 s
+        clock.now = float(t)
+        board.update(DomainProgress("urban", 4 * t, 200, float(t), 0.25 if t == 50 else None,
+                                    "scored" if t == 50 else "train"))
+        board.update(DomainProgress("manga", 4 * t, 600, float(t)))
+    board.finished({"domain": "urban", "status": "ok"}, "[urban] ok: v1 gain +0.250 dB (50s)")
+    board.finished({"domain": "maps", "status": "failed"}, "[maps] failed: ValueError: no exemplars")
+    board.close()
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == [  # a line every 10 s, then one per running domain
+        "adapt: 76/1400 steps (5%), running 2, 7.60 steps/s, about 2m54s left",
+        "  urban: 40/200 steps, 4.00 steps/s, about 40s left",
+        "  manga: 36/600 steps, 4.00 steps/s, about 2m21s left",
+    ]
+    assert "  urban: 200/200 steps (scored), 4.00 steps/s, held-out +0.250 dB" in lines
+    # a domain that ends gets its line; one that failed counts the steps it ran, none here
+    assert lines[-4:] == [
+        "[urban] ok: v1 gain +0.250 dB (50s)",
+        "[maps] failed: ValueError: no exemplars",
+        "adapt: 400/800 steps (50%), ok 1, failed 1, running 1, 8.00 steps/s, about 50s left",
+        "  manga: 200/600 steps, 4.00 steps/s, about 1m40s left",
+    ]

@@ -39,7 +39,7 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import torch
@@ -58,6 +58,10 @@ if TYPE_CHECKING:  # open_clip is a heavy import, and only conditioned models ne
 
 #: Why training stopped: every planned step ran, or the safety cap on seconds was reached first.
 STOP_STEPS, STOP_TIME_CAP = "steps", "time cap"
+
+#: ``on_progress(steps done, steps planned, latest held-out gain or None, phase)``, called after
+#: every step and around each held-out scoring.
+OnProgress = Callable[[int, int, "float | None", str], None]
 
 
 @dataclass
@@ -117,15 +121,10 @@ def luma_l1(sr: torch.Tensor, hr: torch.Tensor) -> torch.Tensor:
 LOSSES = {"l1": rgb_l1, "luma-l1": luma_l1}
 
 
-def hold_steps(s: AdaptSettings) -> int:
-    """Steps at the constant learning rate (the probe, with several candidates)."""
-    return min(s.steps, max(1, round(s.steps * s.probe_fraction)))
-
-
 def scheduled_lr(lr: float, step: int, s: AdaptSettings) -> float:
     """The learning rate of step ``step`` (0-based, warm-up aside): ``lr`` through the hold, then a
     cosine down to ``final_lr_ratio * lr`` at the last step."""
-    hold = hold_steps(s)
+    hold = s.hold_steps()
     if step < hold:
         return lr
     low = lr * s.final_lr_ratio
@@ -163,13 +162,14 @@ class Trajectory:
             inner_loop(self.model, self.params, batch, lr, self.loss, optimizer=self.opt)
         self.steps += 1
 
-    def run_to(self, steps: int, deadline: float) -> bool:
+    def run_to(self, steps: int, deadline: float, after_step: Callable[[], None] = lambda: None) -> bool:
         """Scheduled steps until ``steps`` have run in all; False if ``deadline`` (a
         ``time.perf_counter()`` value) came first."""
         while self.steps < steps:
             if time.perf_counter() >= deadline:
                 return False
             self.step(scheduled_lr(self.lr, self.steps, self.s))
+            after_step()
         return True
 
 
@@ -182,7 +182,7 @@ def shot_embeddings(pairs: list[ShotPair], encoder: ImageEncoder | None) -> torc
 
 
 def adapt_domain(source: CDASR, meta: dict[str, Any], shots: list[np.ndarray], s: AdaptSettings,
-                 encoder: ImageEncoder | None = None) -> AdaptResult:
+                 encoder: ImageEncoder | None = None, on_progress: OnProgress | None = None) -> AdaptResult:
     """Adapt ``source`` to the domain of ``shots`` (uint8 HxWx3 HR images, in sorted order);
     ``encoder``: the CLIP encoder the source model is conditioned on (see ``load_encoder_for``)."""
     t0 = time.perf_counter()
@@ -201,7 +201,15 @@ def adapt_domain(source: CDASR, meta: dict[str, Any], shots: list[np.ndarray], s
     before = heldout_psnr(source, meta, held, s.device, encoder)
 
     curve: dict[str, list[tuple[int, float]]] = {}
-    hold = hold_steps(s)
+    hold, total = s.hold_steps(), s.planned_steps()
+    done, gain, phase = 0, None, "train"
+
+    def progress() -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(done, total, gain, phase)
+
     on_time = True
     if len(s.candidates) == 1:
         chosen = Trajectory(source, *s.candidates[0], fit, s, embeddings)
@@ -209,15 +217,21 @@ def adapt_domain(source: CDASR, meta: dict[str, Any], shots: list[np.ndarray], s
         probed: list[tuple[float, Trajectory]] = []
         for scope, lr in s.candidates:
             trajectory = Trajectory(source, scope, lr, fit, s, embeddings)
-            on_time = trajectory.run_to(hold, deadline)
+            phase = f"probe {scope}@{lr:g}"
+            on_time = trajectory.run_to(hold, deadline, progress)
             score = heldout_psnr(trajectory.model, meta, held, s.device, encoder)
             curve[f"{scope}@{lr:g}"] = [(trajectory.steps, score)]
             probed.append((score, trajectory))
             if not on_time:
                 break
-        _, chosen = max(probed, key=lambda p: p[0])
-    on_time = on_time and chosen.run_to(s.steps, deadline)
+        best, chosen = max(probed, key=lambda p: p[0])
+        gain, phase = best - before, "train"
+    on_time = on_time and chosen.run_to(s.steps, deadline, progress)
+    if on_progress is not None:
+        on_progress(done, total, gain, "scoring")
     after = heldout_psnr(chosen.model, meta, held, s.device, encoder)
+    if on_progress is not None:
+        on_progress(done, total, after - before, "scored")
     curve.setdefault(f"{chosen.scope}@{chosen.lr:g}", []).append((chosen.steps, after))
     return AdaptResult(chosen.model.cpu().eval(), chosen.scope, chosen.lr, chosen.steps, min(hold, chosen.steps),
                        STOP_STEPS if on_time else STOP_TIME_CAP, [p.lr for p in pairs], list(range(n_fit)),

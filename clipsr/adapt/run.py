@@ -19,14 +19,17 @@ import datetime as dt
 import hashlib
 import io
 import logging
+import queue
+import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 
 from clipsr import imaging, storage
 from clipsr.adapt.fast import STOP_STEPS, adapt_domain, resolve_precision
+from clipsr.adapt.progress import DomainProgress
 from clipsr.adapt.settings import AdaptSettings
 from clipsr.adapt.spec import DomainSpec
 from clipsr.factory import encode_checkpoint, load_checkpoint_files, load_encoder_for
@@ -39,6 +42,9 @@ REPORT_COLUMNS = (
     "heldout_psnr_y_after", "gain_db", "steps", "stop_reason", "lr", "scope", "shots", "seconds", "model_id",
     "started", "finished", "node_id",
 )
+
+#: A domain's task reports its progress at most this often (and at its first step and each scoring).
+PROGRESS_EVERY_S = 2.0
 
 
 def _iso(epoch: float) -> str:
@@ -82,14 +88,26 @@ def _centroid(shots: list[np.ndarray], encoder_spec: dict[str, Any]) -> tuple[np
 def adapt_one(
     spec: DomainSpec, source_spec: str, settings: AdaptSettings, registry_uri: str,
     routing_encoder: dict[str, Any], threads: int, clip_weights: str | None = None,
+    on_progress: Callable[[DomainProgress], None] | None = None,
 ) -> dict[str, Any]:
     """Adapt and publish one domain; never raises: a failure is a report row. ``clip_weights``: the
-    weights of the CLIP encoder a conditioned source model was trained with (as for evaluate)."""
+    weights of the CLIP encoder a conditioned source model was trained with (as for evaluate);
+    ``on_progress``: called every ``PROGRESS_EVERY_S`` seconds of training, and around scoring."""
     from clipsr.registry import Registry
 
     torch.set_num_threads(threads)
     t0, started = time.perf_counter(), time.time()
     row: dict[str, Any] = {"domain": spec.name, "status": "failed", "started": _iso(started), "node_id": _node_id()}
+    last, last_phase = -PROGRESS_EVERY_S, ""
+
+    def report(steps: int, total: int, gain: float | None, phase: str) -> None:
+        nonlocal last, last_phase
+        now = time.perf_counter()
+        if on_progress is None or (phase == last_phase and steps > 1 and now - last < PROGRESS_EVERY_S):
+            return
+        last, last_phase = now, phase
+        on_progress(DomainProgress(spec.name, steps, total, now - t0, gain, phase))
+
     try:
         source, smeta, source_files = load_checkpoint_files(source_spec)
         if spec.scale is not None and spec.scale != source.scale:
@@ -100,7 +118,7 @@ def adapt_one(
         shots, exemplars = read_shots(uris)
         # Recorded as it ran: "auto" precision resolved on this worker's hardware.
         settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
-        result = adapt_domain(source, smeta, shots, settings, encoder)
+        result = adapt_domain(source, smeta, shots, settings, encoder, report)
         role = {**dict.fromkeys(result.train_shots, "train"), **dict.fromkeys(result.heldout_shots, "heldout")}
         exemplars = [{**e, "role": role[i]} for i, e in enumerate(exemplars)]
         # of the shots' LR: routing embeds each input as it comes, which is an LR image
@@ -162,6 +180,22 @@ def adapt_one(
     return row
 
 
+def adapt_streaming(*args: Any) -> Iterator[dict[str, Any]]:
+    """:func:`adapt_one` as a Ray generator task: ``{"progress": DomainProgress}`` items as the
+    domain trains, then ``{"row": row}``. The training runs in a thread of the task, so the
+    generator can hand each event to the driver as it comes."""
+    events: queue.Queue[DomainProgress] = queue.Queue()
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: result.update(row=adapt_one(*args, on_progress=events.put)), daemon=True)
+    worker.start()
+    while worker.is_alive() or not events.empty():
+        try:
+            yield {"progress": events.get(timeout=0.5)}
+        except queue.Empty:
+            continue
+    yield {"row": result["row"]}
+
+
 def domains_at_once(node_cpus: list[float], cpus_per_domain: float) -> int:
     """How many domains of ``cpus_per_domain`` CPUs the nodes (their CPU counts) run at once."""
     if cpus_per_domain <= 0:
@@ -179,8 +213,10 @@ def adapt_many(
     specs: list[DomainSpec], source_spec: str, settings: AdaptSettings, registry_uri: str,
     routing_encoder: dict[str, Any], cpus_per_domain: float = 1.0, gpus_per_domain: float = 0.0,
     on_done: Callable[[dict[str, Any]], None] | None = None, clip_weights: str | None = None,
+    on_progress: Callable[[DomainProgress], None] | None = None,
 ) -> list[dict[str, Any]]:
-    """Run :func:`adapt_one` for every spec as Ray tasks; rows come back in spec order."""
+    """Run :func:`adapt_one` for every spec as Ray tasks; rows come back in spec order. Each
+    task streams its progress to ``on_progress`` as it trains, and its row to ``on_done``."""
     import ray
 
     names = [s.name for s in specs]
@@ -194,22 +230,30 @@ def adapt_many(
                     "lower --cpus-per-domain to use the nodes there are", cpus_per_domain)
     else:
         log.info("%d domain(s), %g CPU(s) each: up to %d at once on this cluster", len(specs), cpus_per_domain, at_once)
-    task = ray.remote(num_cpus=cpus_per_domain, num_gpus=gpus_per_domain, max_retries=0)(adapt_one)
+    task = ray.remote(num_cpus=cpus_per_domain, num_gpus=gpus_per_domain, max_retries=0)(adapt_streaming)
     threads = max(1, int(round(cpus_per_domain)))
-    refs = {task.remote(s, source_spec, settings, registry_uri, routing_encoder, threads, clip_weights): s.name
-            for s in specs}
+    streams = {task.remote(s, source_spec, settings, registry_uri, routing_encoder, threads, clip_weights): s.name
+               for s in specs}
     rows: dict[str, dict[str, Any]] = {}
-    pending = list(refs)
+    pending = list(streams)
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        name = refs[done[0]]
+        ready, pending = ray.wait(pending, num_returns=1)
+        stream = ready[0]
+        name = streams[stream]
         try:
-            row = ray.get(done[0])
+            item = ray.get(next(stream))
+        except StopIteration:
+            item = {"row": {"domain": name, "status": "failed", "error": "the task ended without a result"}}
         except Exception as e:  # noqa: BLE001 - the worker itself died (OOM, node lost)
-            row = {"domain": name, "status": "failed", "error": f"{type(e).__name__}: {e}"}
-        rows[name] = row
+            item = {"row": {"domain": name, "status": "failed", "error": f"{type(e).__name__}: {e}"}}
+        if "progress" in item:
+            pending.append(stream)
+            if on_progress is not None:
+                on_progress(item["progress"])
+            continue
+        rows[name] = item["row"]
         if on_done is not None:
-            on_done(row)
+            on_done(item["row"])
     return [rows[n] for n in names]
 
 

@@ -30,3 +30,11 @@ class AdaptSettings:
     seed: int = 0
     device: str = "cpu"  # "cuda" when the domain's task was given a GPU
     precision: str = "auto"  # training arithmetic: auto (bf16 on CPUs with AVX-512 BF16), bf16 or fp32
+
+    def hold_steps(self) -> int:
+        """Steps at the constant learning rate (each candidate's probe, with several)."""
+        return min(self.steps, max(1, round(self.steps * self.probe_fraction)))
+
+    def planned_steps(self) -> int:
+        """Steps a domain trains in all: the published weights', and the losing candidates' probes."""
+        return self.steps + self.hold_steps() * (len(self.candidates) - 1)
