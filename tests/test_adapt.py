@@ -17,8 +17,8 @@ from clipsr.factory import create_model, load_checkpoint, save_checkpoint
 from clipsr.models.checkpoint import CheckpointError
 from clipsr.provenance import code_revision
 
-SETTINGS = AdaptSettings(candidates=(("adaptive+bias", 1e-3),), max_steps=16, chunk=2, batch=2, lr_patch=12, holdout=1,
-                         budget_seconds=60)
+SETTINGS = AdaptSettings(candidates=(("adaptive+bias", 1e-3),), steps=16, batch=2, lr_patch=12, holdout=1,
+                         budget_seconds=600)
 
 
 def _png(seed: int, grey: bool = False, size: int = 40) -> bytes:
@@ -38,9 +38,9 @@ def source(tiny_checkpoint):
     return tiny_checkpoint
 
 
-def _domain(root, name: str, n: int = 4, grey: bool = False) -> str:
+def _domain(root, name: str, n: int = 4, grey: bool = False, size: int = 40) -> str:
     for i in range(n):
-        storage.write_bytes_atomic(f"{root}/{name}/{i:02d}.png", _png(i + 10 * len(name), grey))
+        storage.write_bytes_atomic(f"{root}/{name}/{i:02d}.png", _png(i + 10 * len(name), grey, size))
     return f"{root}/{name}"
 
 
@@ -48,17 +48,61 @@ def test_adapt_domain_stores_only_what_changed(source, tmp_path):
     model, meta = load_checkpoint(source)
     shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(4)]
     result = adapt_domain(model, meta, shots, SETTINGS)
-    # 4 probe steps (a quarter of max_steps), then 12 more on the same shots; the held-out one is
-    # never trained on, and scores the weights returned after their last step
+    # 4 steps at a constant rate (a quarter of the steps), then 12 decaying ones; the held-out shot
+    # is never trained on, and scores the weights returned after their last step; with one
+    # candidate there is nothing to choose, so nothing is scored in between
     curve = result.curve["adaptive+bias@0.001"]
-    assert [step for step, _ in curve] == [4, 16]
-    assert (result.steps, result.probe_steps) == (16, 4)
+    assert [step for step, _ in curve] == [16]
+    assert (result.steps, result.probe_steps, result.stop_reason) == (16, 4, "steps")
     assert (result.train_shots, result.heldout_shots) == ([0, 1, 2], [3])
     assert result.heldout_after == curve[-1][1]
     changed = {k for k, v in result.model.state_dict().items() if not torch.equal(v, model.state_dict()[k])}
     assert changed <= set(model.adaptation_names("adaptive+bias"))
     with pytest.raises(ValueError, match="smaller than one"):
         adapt_domain(model, meta, [s[:10, :10] for s in shots], SETTINGS)
+
+
+def _spans(registry: str, names: list[str]) -> dict[str, tuple[str, str, str]]:
+    """(started, finished, node id) of each domain's first version, as its registry entry recorded."""
+    import json
+
+    runs = {n: json.loads(storage.read_bytes(f"{registry}/{n}/versions/v1.json"))["run"] for n in names}
+    return {n: (r["started"], r["finished"], r["node_id"]) for n, r in runs.items()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("node_cpus", [(1, 1), (2,)], ids=["two-one-cpu-nodes", "one-two-cpu-node"])
+def test_two_domains_given_two_cpus_run_side_by_side(node_cpus, tiny, tmp_path):
+    """`clipsr adapt` of two domains, one CPU each (the default), joining a cluster through
+    RAY_ADDRESS as a submitted job would: whether the two CPUs are on two nodes or on one, the
+    domains' spans overlap."""
+    import os
+    import subprocess
+    import sys
+
+    from ray.cluster_utils import Cluster
+
+    data = str(tmp_path / "data")
+    folders = {name: _domain(data, name, size=112) for name in ("photos", "pages")}
+    registry = str(tmp_path / "registry")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        for cpus in node_cpus:
+            cluster.add_node(num_cpus=cpus)
+        cluster.wait_for_nodes()
+        done = subprocess.run(
+            [sys.executable, "-m", "clipsr.cli", "adapt", "--source-model", tiny[0], "--shots", "4", "--scale", "2",
+             *[a for name, folder in folders.items() for a in ("--domain", f"{name}={folder}")],
+             "--out", registry, "--steps", "150"],
+            env={**os.environ, "RAY_ADDRESS": cluster.address}, capture_output=True, text=True, timeout=600)
+    finally:
+        cluster.shutdown()
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "up to 2 at once" in done.stderr
+    spans = _spans(registry, list(folders))
+    (start_a, end_a, node_a), (start_b, end_b, node_b) = spans.values()
+    assert max(start_a, start_b) < min(end_a, end_b), spans  # ISO times of one format compare as text
+    assert (node_a != node_b) == (len(node_cpus) == 2), spans
 
 
 @pytest.mark.slow
@@ -73,10 +117,22 @@ def test_parallel_domains_publish_and_a_broken_one_is_reported(ray_local, s3_buc
     registry = f"{s3_bucket}/registry"
     specs = [DomainSpec.shorthand(f"photos={good_a}", 4, 2), DomainSpec.shorthand(f"pages={good_b}", 4, 2),
              DomainSpec.shorthand(f"broken={broken}", 4, 2)]
-    rows = adapt_many(specs, source, SETTINGS, registry, {"arch": "color-stats"}, cpus_per_domain=0.5)
+    events, finished = [], []
+    rows = adapt_many(specs, source, SETTINGS, registry, {"arch": "color-stats"}, cpus_per_domain=0.5,
+                      on_progress=lambda e: events.append((e, len(finished))), on_done=finished.append)
 
     by = {r["domain"]: r for r in rows}
     assert by["broken"]["status"] == "failed" and "01.png" in by["broken"]["error"]
+    # each domain's progress reached the driver while it trained, not only when it ended
+    for name in ("photos", "pages"):
+        mine = [(e, ended) for e, ended in events if e.domain == name]
+        ended_at = [r["domain"] for r in finished].index(name)
+        assert any(e.steps < e.total and ended <= ended_at for e, ended in mine), mine
+        assert [e.steps for e, _ in mine] == sorted(e.steps for e, _ in mine)
+        last = mine[-1][0]
+        assert (last.phase, last.steps, last.total) == ("scored", 16, 16)
+        assert last.heldout_gain_db == pytest.approx(by[name]["gain_db"])
+    assert not [e for e, _ in events if e.domain == "broken"]  # it failed reading its exemplars
     reg = Registry(registry)
     for name in ("photos", "pages"):
         row = by[name]
@@ -282,20 +338,42 @@ def test_the_candidate_best_on_heldout_shots_is_trained_on_and_a_harmful_one_nev
     model, meta = load_checkpoint(source)
     shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(4)]
     harmful, sane = ("all", 5.0), ("all", 1e-3)
-    s = dataclasses.replace(SETTINGS, candidates=(harmful, sane), max_steps=100_000, budget_seconds=3.0)
+    s = dataclasses.replace(SETTINGS, candidates=(harmful, sane), steps=40)
     result = adapt_domain(model, meta, shots, s)
     assert set(result.curve) == {"all@5", "all@0.001"}
+    assert result.curve["all@5"] == [(10, result.curve["all@5"][0][1])]  # probed for a quarter of the steps
     assert result.curve["all@5"][0][1] < result.heldout_before  # the probe saw it wreck the model
-    # an untrained source model: the sane candidate beats it, and goes on training
+    # an untrained source model: the sane candidate beats it, and goes on training to the last step
     assert result.gain_db > 0 and (result.scope, result.lr) == sane
-    assert result.steps > result.probe_steps > 0
-    assert result.seconds < s.budget_seconds + 2.0  # the budget bounds probing and training together
+    assert (result.steps, result.probe_steps, result.stop_reason) == (40, 10, "steps")
 
-    # a candidate that loses to the source model is trained on all the same and judged at the end;
-    # still worse, so it would be kept but not promoted
+    # alone, a harmful candidate is trained all the same (nothing is scored before the end) and
+    # judged at the end: worse, so it would be kept but not promoted
     only_harmful = adapt_domain(model, meta, shots, dataclasses.replace(s, candidates=(harmful,)))
-    assert [step for step, _ in only_harmful.curve["all@5"]] == [only_harmful.probe_steps, only_harmful.steps]
-    assert only_harmful.steps > only_harmful.probe_steps and only_harmful.gain_db < 0
+    assert only_harmful.curve == {"all@5": [(40, only_harmful.heldout_after)]}
+    assert only_harmful.gain_db < 0
+
+
+def test_the_same_exemplars_seed_and_settings_give_the_same_weights(source):
+    """Steps, not seconds, are the budget: two runs give bit-identical weights (on a CPU, the
+    same thread count); another seed gives others, so the comparison can fail."""
+    model, meta = load_checkpoint(source)
+    shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(4)]
+    s = dataclasses.replace(SETTINGS, candidates=(("all", 1e-3), ("adaptive+bias", 2e-3)), steps=12)
+    first, again = (adapt_domain(model, meta, shots, s) for _ in range(2))
+    other = adapt_domain(model, meta, shots, dataclasses.replace(s, seed=1))
+    for k, v in first.model.state_dict().items():
+        assert torch.equal(v, again.model.state_dict()[k]), k
+    assert (first.steps, first.curve, first.heldout_after) == (again.steps, again.curve, again.heldout_after)
+    assert any(not torch.equal(v, other.model.state_dict()[k]) for k, v in first.model.state_dict().items())
+
+
+def test_the_time_cap_stops_a_domain_early_and_says_so(source):
+    model, meta = load_checkpoint(source)
+    shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(4)]
+    result = adapt_domain(model, meta, shots, dataclasses.replace(SETTINGS, steps=10**9, budget_seconds=1.0))
+    assert result.stop_reason == "time cap" and 0 <= result.steps < 10**9
+    assert result.curve["adaptive+bias@0.001"] == [(result.steps, result.heldout_after)]
 
 
 def test_plain_finetuning_baseline_changes_every_weight_within_its_time(source):
@@ -303,7 +381,7 @@ def test_plain_finetuning_baseline_changes_every_weight_within_its_time(source):
 
     model, _ = load_checkpoint(source)
     shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(3)]
-    tuned = plain_finetune(model, shots, 1e-3, seconds=0.5, s=SETTINGS)
+    tuned = plain_finetune(model, shots, 1e-3, steps=3, s=SETTINGS)
     changed = {k for k, v in tuned.state_dict().items() if not torch.equal(v, model.state_dict()[k])}
     assert "backbone.body.0.body.0.weight" in changed  # a conv weight: beyond the adaptation scope
 
@@ -373,12 +451,12 @@ def test_adaptation_bench_scores_unseen_images_with_and_without_the_baseline(sou
     folder = tmp_path / "photos"
     for i in range(5):  # 3 shots (1 held out), 2 unseen images to score
         storage.write_bytes_atomic(str(folder / f"{i:02d}.png"), _png(i, size=104))
-    out = bench_adaptation(source, {"photos": str(folder)}, shots=3, budget_seconds=2.0, finetune_lr=1e-3,
+    out = bench_adaptation(source, {"photos": str(folder)}, shots=3, steps=4, budget_seconds=None, finetune_lr=1e-3,
                            threads=1)
     row = out["domains"]["photos"]
     assert row["adapted"]["gain_db"] == pytest.approx(row["adapted"]["psnr_y"] - row["source_psnr_y"])
-    assert row["finetuned"]["seconds"] == pytest.approx(row["adapted"]["seconds"], abs=1.5)
-    no_baseline = bench_adaptation(source, {"photos": str(folder)}, 3, 2.0, finetune_lr=0, threads=1)
+    assert row["adapted"]["steps"] == row["finetuned"]["steps"] == 4 and row["adapted"]["stop_reason"] == "steps"
+    no_baseline = bench_adaptation(source, {"photos": str(folder)}, 3, 4, None, finetune_lr=0, threads=1)
     assert "finetuned" not in no_baseline["domains"]["photos"]
     assert no_baseline["domains"]["photos"]["source_psnr_y"] == row["source_psnr_y"]
 
@@ -421,3 +499,134 @@ def test_training_precision_is_resolved_from_the_hardware_and_checked():
     assert resolve_precision("fp32", "cpu") == "fp32"
     with pytest.raises(ValueError, match="precision must be auto, bf16 or fp32"):
         resolve_precision("fp16", "cpu")
+
+
+def test_domains_at_once_counts_the_whole_domains_each_node_holds():
+    from clipsr.adapt.run import domains_at_once
+
+    assert domains_at_once([1.0, 1.0], 1.0) == 2
+    assert domains_at_once([2.0], 1.0) == 2
+    assert domains_at_once([0.0, 16.0], 2.0) == 8  # a head without CPUs runs none
+    assert domains_at_once([1.0, 1.0], 2.0) == 0  # two CPUs, but on no one node
+    assert domains_at_once([3.0], 1.5) == 2 and domains_at_once([1.0], 0.5) == 2
+    with pytest.raises(ValueError, match="cpus_per_domain"):
+        domains_at_once([4.0], 0)
+
+
+@pytest.mark.slow
+def test_a_clip_conditioned_model_from_pretraining_to_enhancement(ray_local, tmp_path, capsys):
+    """The tiny CLIP tower through every step: pretraining embeds each image's LR and trains the
+    null embedding too; adaptation conditions on the exemplars' LR and scores as `clipsr
+    evaluate` does; the registry, the evaluation report and the manifest name the encoder; and
+    an adapted model given another encoder's weights is refused."""
+    import io
+    import json
+
+    import pyarrow.parquet as pq
+    from safetensors.torch import save_file
+
+    from clipsr.cli import main
+    from clipsr.clip import TINY_ARCH, ClipEncoder
+    from clipsr.registry import Registry
+    from clipsr.train.embeddings import lr_view
+    from clipsr.train.settings import load_settings
+    from clipsr.train.trainer import pretrain
+
+    data = str(tmp_path / "data")
+    roots = [_domain(data, name, n=3, size=48) for name in ("src-a", "src-b")]
+    s = load_settings(None, [
+        "name=clip", f"storage_path={tmp_path / 'runs'}", f"data.train={roots}", "model.arch=cdasr-tiny",
+        "model.scale=2", "batch.size=2", "batch.lr_patch=12", "optim.steps=6", "optim.warmup=1",
+        "checkpoint.every=6", "validation.log_every=6", "validation.every=6", "episodes.enabled=false",
+        "scaling.cpus_per_worker=0.5", "scaling.torch_threads=1",
+        f"clip.arch={TINY_ARCH}", "clip.null_rate=0.5",
+    ])
+    source = pretrain(s)
+    tower = ClipEncoder.load(TINY_ARCH, seed=0)
+    identity = tower.identity.to_dict()
+    assert source["clip_encoder"] == identity and "LR" in source["training_data"]["conditioning"]
+    # the cached embeddings are those of each training image's x2 LR, as inference would embed it
+    table = pq.read_table(io.BytesIO(storage.read_bytes(
+        f"{tmp_path}/runs/clip/embeddings/{identity['sha256'][:16]}-x2.parquet"))).to_pydict()
+    uri = table["uri"][0]
+    hr = np.asarray(Image.open(io.BytesIO(storage.read_bytes(uri))).convert("RGB"))
+    np.testing.assert_allclose(table["embedding"][0], tower.embed_images([lr_view(hr, 2)])[0], atol=1e-5)
+    # the null embedding trained (half of the samples dropped their vector), not left at its start
+    torch.manual_seed(s["seed"])
+    start = create_model("cdasr-tiny", 2).adaptive.null_embedding
+    trained, _ = load_checkpoint(source["uri"])
+    assert not torch.allclose(trained.adaptive.null_embedding, start)
+
+    folder = _domain(data, "maps", n=4, size=112)
+    registry = str(tmp_path / "registry")
+    assert main(["adapt", "--source-model", source["uri"], "--domain", f"maps={folder}", "--shots", "4",
+                 "--scale", "2", "--steps", "6", "--out", registry]) == 0
+    entry = Registry(registry).get("maps", 1)
+    assert entry.doc["clip_encoder"] == identity
+    ref = f"{registry}/maps/v1"
+
+    # `clipsr evaluate` on the two held-out exemplars (the folder's last two) gives the score the
+    # adaptation recorded: the same conditioning, the encoder included
+    report = tmp_path / "r.json"
+    assert main(["evaluate", "--model", ref, "--scale", "2", "--data", f"maps={folder}", "--skip-first", "2",
+                 "--report", str(report)]) == 0
+    evaluated = json.loads(report.read_text())
+    assert evaluated["datasets"]["maps"]["psnr_y"] == pytest.approx(entry.doc["scores"]["heldout_psnr_y_after"],
+                                                                     abs=1e-9)
+    assert evaluated["model"]["clip_encoder"] == identity
+
+    Registry(registry).set_current("maps", 1)
+    inputs, out = tmp_path / "in", tmp_path / "out"
+    storage.write_bytes_atomic(str(inputs / "page.png"), _png(101, size=48))
+    assert main(["enhance", "--input", str(inputs), "--output", str(out), "--models", registry, "--domain", "maps",
+                 "--model", source["uri"], "--scale", "2", "--threads", "1", "--device", "cpu"]) == 0
+    rows = pq.read_table(str(out / "_manifests")).to_pylist()
+    assert [(r["status"], r["model_id"]) for r in rows] == [("ok", entry.doc["model"]["id"])]
+    assert rows[0]["clip_encoder"] == f"{TINY_ARCH} random:0 sha256:{identity['sha256'][:12]}"
+
+    # another tower's weights: refused by evaluation and by adaptation
+    other = tmp_path / "other-tower.safetensors"
+    save_file({k: v.contiguous() for k, v in ClipEncoder.load(TINY_ARCH, seed=1).visual.state_dict().items()},
+              str(other))
+    capsys.readouterr()
+    assert main(["evaluate", "--model", ref, "--scale", "2", "--data", f"maps={folder}", "--skip-first", "2",
+                 "--report", str(report), "--clip-weights", str(other)]) == 1
+    assert "CLIP encoder mismatch" in capsys.readouterr().err
+    assert main(["adapt", "--source-model", ref, "--domain", f"maps={folder}", "--shots", "4", "--scale", "2",
+                 "--steps", "6", "--out", registry, "--clip-weights", str(other)]) == 2
+    assert "CLIP encoder mismatch" in capsys.readouterr().out
+
+
+def test_the_progress_board_shows_every_running_domain_and_each_one_that_ends():
+    from clipsr.adapt.progress import DomainProgress, ProgressBoard
+
+    class Clock:
+        now = 0.0
+
+        def __call__(self) -> float:
+            return self.now
+
+    out, clock = io.StringIO(), Clock()
+    board = ProgressBoard({"manga": 600, "urban": 200, "maps": 600}, stream=out, every_s=10, clock=clock)
+    for t in range(1, 51):  # two domains at 4 steps a second; urban is scored at 50 s
+        clock.now = float(t)
+        board.update(DomainProgress("urban", 4 * t, 200, float(t), 0.25 if t == 50 else None,
+                                    "scored" if t == 50 else "train"))
+        board.update(DomainProgress("manga", 4 * t, 600, float(t)))
+    board.finished({"domain": "urban", "status": "ok"}, "[urban] ok: v1 gain +0.250 dB (50s)")
+    board.finished({"domain": "maps", "status": "failed"}, "[maps] failed: ValueError: no exemplars")
+    board.close()
+    lines = out.getvalue().splitlines()
+    assert lines[:3] == [  # a line every 10 s, then one per running domain
+        "adapt: 76/1400 steps (5%), running 2, 7.60 steps/s, about 2m54s left",
+        "  urban: 40/200 steps, 4.00 steps/s, about 40s left",
+        "  manga: 36/600 steps, 4.00 steps/s, about 2m21s left",
+    ]
+    assert "  urban: 200/200 steps (scored), 4.00 steps/s, held-out +0.250 dB" in lines
+    # a domain that ends gets its line; one that failed counts the steps it ran, none here
+    assert lines[-4:] == [
+        "[urban] ok: v1 gain +0.250 dB (50s)",
+        "[maps] failed: ValueError: no exemplars",
+        "adapt: 400/800 steps (50%), ok 1, failed 1, running 1, 8.00 steps/s, about 50s left",
+        "  manga: 200/600 steps, 4.00 steps/s, about 1m40s left",
+    ]

@@ -206,3 +206,64 @@ def test_color_stats_encoder_is_deterministic_and_separates_grey_from_colour():
     sims = out @ out.T
     assert sims[0, 1] > 0.9 and sims[2, 3] > 0.9
     assert sims[0, 2] < 0.5
+
+
+# --- the conditioning path: what the SR model is given, in training, adaptation and inference ---
+
+
+def test_masked_rows_take_the_null_embedding_and_train_it():
+    from clipsr.factory import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cdasr-tiny", 2)
+    lr = torch.rand(3, 3, 8, 8)
+    emb = torch.nn.functional.normalize(torch.randn(3, 512), dim=1)
+    mask = torch.tensor([True, False, True])
+    out = model(lr, emb, mask)
+    torch.testing.assert_close(out[[0, 2]], model(lr[[0, 2]], None))
+    torch.testing.assert_close(out[[1]], model(lr[[1]], emb[[1]]))
+    out.sum().backward()
+    assert model.adaptive.null_embedding.grad.abs().sum() > 0
+    # no row dropped: the null embedding still takes part, with a zero gradient
+    model.zero_grad(set_to_none=True)
+    model(lr, emb, torch.zeros(3, dtype=torch.bool)).sum().backward()
+    assert model.adaptive.null_embedding.grad is not None and not model.adaptive.null_embedding.grad.any()
+
+
+def test_adaptation_conditions_each_patch_on_its_exemplars_lr_and_scores_as_inference_does(encoder, tmp_path):
+    """A conditioned source model: every training patch carries the embedding of its own training
+    exemplar's whole LR, and the held-out score is that of the upscaler inference builds with the
+    same encoder."""
+    from clipsr.adapt.fast import adapt_domain
+    from clipsr.adapt.settings import AdaptSettings
+    from clipsr.degrade import make_lr, modcrop
+    from clipsr.evaluate import score_image
+    from clipsr.factory import create_model, load_checkpoint, save_checkpoint
+    from clipsr.inference import NetworkUpscaler
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "conditioned.safetensors")
+    save_checkpoint(path, create_model("cdasr-tiny", 2), "cdasr-tiny", clip_encoder=encoder.identity.to_dict())
+    model, meta = load_checkpoint(path)
+    rng = np.random.default_rng(0)
+    shots = [(rng.random((40, 40 + 4 * i, 3)) * 255).astype(np.uint8) for i in range(4)]
+    lr_emb = encoder.embed_images([make_lr(modcrop(s, 2), 2) for s in shots])
+    seen: list[np.ndarray] = []
+
+    def record(module, args):
+        seen.extend(args[1].detach().numpy())
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda m, args: record(m, args) if m.__class__.__name__ == "DomainAdaptiveModule" and torch.is_grad_enabled()
+        and args[1] is not None else None)
+    try:
+        s = AdaptSettings(candidates=(("all", 1e-3),), steps=6, batch=3, lr_patch=12, holdout=1)
+        result = adapt_domain(model, meta, shots, s, encoder)
+    finally:
+        hook.remove()
+    assert len(seen) == 6 * 3  # every training patch was conditioned
+    for vector in seen:  # on one of the three training exemplars, never the held-out one
+        distances = np.abs(lr_emb - vector).max(axis=1)
+        assert distances[:3].min() < 1e-5 and distances[3] > 1e-3
+    inference = NetworkUpscaler(result.model, meta, encoder=encoder)
+    assert result.heldout_after == pytest.approx(score_image(inference, shots[3], 2)["psnr_y"], abs=1e-9)

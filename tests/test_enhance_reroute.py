@@ -16,8 +16,8 @@ from clipsr.enhance.options import EnhanceOptions
 from clipsr.enhance.run import run_enhance
 from clipsr.registry import Registry
 
-SETTINGS = AdaptSettings(candidates=(("adaptive+bias", 1e-3),), max_steps=8, chunk=2, batch=2, lr_patch=12,
-                         holdout=1, budget_seconds=60)
+SETTINGS = AdaptSettings(candidates=(("adaptive+bias", 1e-3),), steps=8, batch=2, lr_patch=12,
+                         holdout=1)
 HUES = {"reds": (0.8, 0.15, 0.1), "blues": (0.1, 0.2, 0.85), "greens": (0.15, 0.8, 0.2)}
 
 

@@ -216,7 +216,7 @@ def test_submitted_adaptation_publishes_to_the_registry(ray_head, s3_bucket):
     done = submit(ray_head, "adapt", "--source-model", f"{s3_bucket}/models/tiny-x2.safetensors",
                   "--domain", f"photos={s3_bucket}/exemplars/photos/", "--domain",
                   f"missing={s3_bucket}/exemplars/none/", "--shots", "4", "--scale", "2", "--out", registry,
-                  "--budget-seconds", "6", "--cpus-per-domain", "1", env={REVISION_ENV: code_revision()})
+                  "--steps", "20", "--cpus-per-domain", "1", env={REVISION_ENV: code_revision()})
     summary = _summary(done, "adapt: ")
     assert done.returncode == 1 and summary.startswith("adapt: 1 ok, 1 failed"), done.stdout[-3000:]
     entry = json.loads(storage.read_bytes(f"{registry}/photos/versions/v1.json"))

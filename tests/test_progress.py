@@ -67,3 +67,25 @@ def test_a_terminal_gets_one_line_rewritten_in_place():
     text = out.getvalue()
     assert text.count("\n") == 1 and text.endswith("\n") and text.count("\r") == 3
     assert text.rstrip().rsplit("\r", 1)[-1].startswith("clipsr enhance: 3/3 images (100%), ok 3")
+
+
+def test_notes_follow_the_live_line_and_a_message_keeps_its_own_line(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    out, clock = _Terminal(), _Clock()
+    bar = Progress("adapt", 100, unit="steps", stream=out, clock=clock)
+    clock.now = 1
+    bar.update(10, {"running": 1}, ["manga: 10/100 steps"])
+    bar.message("[urban] ok: v1 gain +0.250 dB (9s)")
+    clock.now = 2
+    bar.update(20, {"running": 1}, ["manga: 20/100 steps"])
+    bar.close()
+    text = out.getvalue()
+    # the live line was wiped before the message, which stays on a line of its own, then redrawn
+    assert "\r[urban] ok: v1 gain +0.250 dB (9s)\n\radapt: 10/100 steps" in text.replace(" " * 80, "")
+    last = text.rstrip("\n").rsplit("\r", 1)[-1]
+    assert last.startswith("adapt: 20/100 steps (20%), running 1") and last.rstrip().endswith("| manga: 20/100 steps")
+    # a narrow terminal: the line is cut to its width rather than wrapped
+    monkeypatch.setenv("COLUMNS", "40")
+    narrow = _Terminal()
+    Progress("adapt", 100, unit="steps", stream=narrow, clock=clock).update(100, {}, ["manga: 100/100 steps"])
+    assert len(narrow.getvalue().strip("\r")) == 39

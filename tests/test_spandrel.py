@@ -246,7 +246,7 @@ def test_adapt_tunes_every_weight_and_publishes_a_full_model_with_lineage(ray_lo
         (folder / f"{i:02d}.png").write_bytes(_png(10 + i, 112, 112))
     registry = str(tmp_path / "registry")
     code = main(["adapt", "--source-model", str(models[arch]), "--domain", f"maps={folder}", "--shots", "4",
-                 "--out", registry, "--budget-seconds", "3", "--cpus-per-domain", "1", "--precision", "fp32"])
+                 "--out", registry, "--steps", "10", "--cpus-per-domain", "1", "--precision", "fp32"])
     assert code == 0, capsys.readouterr()
     source, smeta = load_checkpoint(str(models[arch]))
     entry = Registry(registry).get("maps", 1)
@@ -277,6 +277,6 @@ def test_adapting_part_of_a_spandrel_model_is_refused(models):
 
     source, meta = load_checkpoint(str(models["Compact"]))
     shots = [imaging.to_rgb(imaging.load_rgb_or_grey_uint8(_png(i, 112, 112))) for i in range(3)]
-    settings = AdaptSettings(candidates=(("adaptive+bias", 1e-3),), max_steps=4, batch=2, holdout=1)
+    settings = AdaptSettings(candidates=(("adaptive+bias", 1e-3),), steps=4, batch=2, holdout=1)
     with pytest.raises(ValueError, match=r"scope 'all' \(every weight\)"):
         adapt_domain(source, meta, shots, settings)

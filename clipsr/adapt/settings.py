@@ -17,15 +17,10 @@ class AdaptSettings:
     """How one domain is adapted (see clipsr.adapt.fast); recorded in each registry entry."""
 
     candidates: tuple[tuple[str, float], ...] = DEFAULT_CANDIDATES
-    budget_seconds: float = 270.0
-    probe_fraction: float = 0.25  # of the budget (shared by the candidates) and of the training
-    final_lr_ratio: float = 0.05  # the continuation decays the learning rate to this fraction
-    chunk: int = 10  # steps between looks at the clock
-    # Training of the chosen candidate in all (probe and continuation): at most patches_per_shot
-    # patches per exemplar trained on and max_steps steps (tests use small ones); the probe takes
-    # probe_fraction of them.
-    patches_per_shot: int = 2400
-    max_steps: int = 100_000
+    steps: int = 1000  # training steps of the published weights: the budget
+    budget_seconds: float | None = 900.0  # a safety cap on a domain's seconds (None: none), not a budget
+    probe_fraction: float = 0.25  # of the steps at a constant rate (each candidate's probe), then the decay
+    final_lr_ratio: float = 0.05  # the decay ends at this fraction of the learning rate
     batch: int = 12
     lr_patch: int = 48
     patch_tries: int = 1  # >1: each patch is the most textured of this many random positions
@@ -35,3 +30,11 @@ class AdaptSettings:
     seed: int = 0
     device: str = "cpu"  # "cuda" when the domain's task was given a GPU
     precision: str = "auto"  # training arithmetic: auto (bf16 on CPUs with AVX-512 BF16), bf16 or fp32
+
+    def hold_steps(self) -> int:
+        """Steps at the constant learning rate (each candidate's probe, with several)."""
+        return min(self.steps, max(1, round(self.steps * self.probe_fraction)))
+
+    def planned_steps(self) -> int:
+        """Steps a domain trains in all: the published weights', and the losing candidates' probes."""
+        return self.steps + self.hold_steps() * (len(self.candidates) - 1)

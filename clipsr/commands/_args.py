@@ -64,3 +64,14 @@ def write_json(uri: str, result: Any) -> None:
     from clipsr import storage
 
     storage.write_bytes_atomic(uri, (json.dumps(result, indent=2) + "\n").encode())
+
+
+def cap_seconds(text: str) -> float | None:
+    """A safety cap in seconds; 0 means none."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 (0: no cap), got {value:g}")
+    return value or None

@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from clipsr.adapt.settings import AdaptSettings
-from clipsr.commands._args import add_verbose, positive_int, scope_at_lr, usage_errors_exit_1
+from clipsr.commands._args import add_verbose, cap_seconds, positive_int, scope_at_lr, usage_errors_exit_1
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -27,14 +27,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--candidate", action="append", type=scope_at_lr, metavar="SCOPE@LR",
                    help="a (scope, learning rate) to probe, e.g. adaptive+bias@2e-3 or all@3e-4 (repeat); "
                         "the best on the held-out exemplars is trained on (default: all@2e-3)")
-    p.add_argument("--budget-seconds", type=float, default=270.0,
-                   help="time per domain, probing the candidates and training the best (default 270)")
+    p.add_argument("--steps", type=positive_int, default=AdaptSettings.steps,
+                   help="training steps per domain: the budget, so the same exemplars, seed and settings give "
+                        f"the same model on any machine (default {AdaptSettings.steps})")
+    p.add_argument("--budget-seconds", type=cap_seconds, default=AdaptSettings.budget_seconds,
+                   help="a safety cap, not a budget: a domain still training after this many seconds stops "
+                        f"there and records 'time cap' (0: no cap; default {AdaptSettings.budget_seconds:g})")
     p.add_argument("--patch-tries", type=positive_int, default=AdaptSettings.patch_tries,
                    help="each training patch is the most textured of this many random positions")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=AdaptSettings.precision,
                    help="training arithmetic (auto: bf16 on CPUs with AVX-512 BF16, else fp32)")
-    p.add_argument("--cpus-per-domain", type=float, default=2.0,
-                   help="CPUs each domain's Ray task holds, and its torch threads (default 2)")
+    p.add_argument("--cpus-per-domain", type=float, default=1.0,
+                   help="CPUs (and torch threads) per domain: a node of N CPUs adapts N / this many domains "
+                        "at once (default 1)")
+    p.add_argument("--clip-weights", help="CLIP weights file/URI, for a source model trained with one: adaptation "
+                                          "runs it as inference will, and refuses other weights")
     p.add_argument("--gpus-per-domain", type=float, default=0.0, help="> 0: each domain trains on a GPU")
     p.add_argument("--routing-encoder", default="route-stats",
                    help="encoder of the exemplars for --route auto: route-stats (weight-free image statistics, "
@@ -53,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
     from clipsr.adapt.settings import AdaptSettings
     from clipsr.adapt.spec import DomainSpec, load_specs
     from clipsr.provenance import utc_now
+    from clipsr.adapt.progress import ProgressBoard
     from clipsr.adapt.routing_fit import report_confusion
     from clipsr.ray_runtime import init_ray, ray_log
 
@@ -61,21 +69,26 @@ def _run(args: argparse.Namespace) -> int:
         specs += load_specs(args.spec)
     if not specs:
         raise ValueError("give at least one --domain NAME=DIR or a --spec file")
-    settings = AdaptSettings(budget_seconds=args.budget_seconds, seed=args.seed, patch_tries=args.patch_tries,
-                             precision=args.precision)
+    settings = AdaptSettings(steps=args.steps, budget_seconds=args.budget_seconds, seed=args.seed,
+                             patch_tries=args.patch_tries, precision=args.precision)
     if args.candidate:
         settings = dataclasses.replace(settings, candidates=tuple(args.candidate))
     encoder = {"arch": args.routing_encoder, "weights": args.routing_encoder_weights, "seed": 0}
     out = storage.absolute(args.out)
     init_ray(quiet=not args.verbose)
     print(f"adapting {len(specs)} domain(s) from {args.source_model} into {out}", file=sys.stderr, flush=True)
+    board = ProgressBoard({s.name: settings.planned_steps() for s in specs})
 
     def done(row: dict[str, Any]) -> None:
         what = f"v{row['version']} gain {row['gain_db']:+.3f} dB" if row["status"] == "ok" else row["error"]
-        print(f"[{row['domain']}] {row['status']}: {what} ({row['seconds']:.0f}s)", file=sys.stderr, flush=True)
+        board.finished(row, f"[{row['domain']}] {row['status']}: {what} ({row['seconds']:.0f}s)")
 
-    rows = adapt_many(specs, args.source_model, settings, out, encoder,
-                      cpus_per_domain=args.cpus_per_domain, gpus_per_domain=args.gpus_per_domain, on_done=done)
+    try:
+        rows = adapt_many(specs, args.source_model, settings, out, encoder,
+                          cpus_per_domain=args.cpus_per_domain, gpus_per_domain=args.gpus_per_domain, on_done=done,
+                          clip_weights=args.clip_weights, on_progress=board.update)
+    finally:
+        board.close()
     base = args.report or storage.join(out, f"_reports/{utc_now().replace(':', '')}")
     json_uri, _ = write_report(rows, base)
     print(format_report(rows))

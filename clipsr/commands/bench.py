@@ -5,7 +5,7 @@ import argparse
 import json
 
 from clipsr.adapt.settings import AdaptSettings
-from clipsr.commands._args import add_out, name_eq_uri, positive_int, scope_at_lr, write_json
+from clipsr.commands._args import add_out, cap_seconds, name_eq_uri, positive_int, scope_at_lr, write_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -170,7 +170,12 @@ def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
     q.add_argument("--data", type=name_eq_uri, action="append", required=True, metavar="NAME=DIR",
                    help="a domain's HR images: the first --shots adapt, the rest score (repeat)")
     q.add_argument("--shots", type=positive_int, default=10, help="exemplars per domain (default 10)")
-    q.add_argument("--budget-seconds", type=float, default=270.0, help="adaptation's time budget per domain")
+    q.add_argument("--steps", type=positive_int, default=AdaptSettings.steps,
+                   help=f"adaptation's training steps per domain; the baseline trains as many "
+                        f"(default {AdaptSettings.steps})")
+    q.add_argument("--budget-seconds", type=cap_seconds, default=AdaptSettings.budget_seconds,
+                   help="adaptation's safety cap on seconds per domain (0: none)")
+    q.add_argument("--clip-weights", help="CLIP weights file/URI, for a source model trained with one")
     q.add_argument("--patch-tries", type=positive_int, default=AdaptSettings.patch_tries,
                    help="adaptation: each patch the most textured of this many positions")
     q.add_argument("--candidate", action="append", type=scope_at_lr, metavar="SCOPE@LR",
@@ -191,9 +196,10 @@ def _run_bench_adapt(args: argparse.Namespace) -> int:
     from clipsr.bench.adapt import bench_adaptation
 
     result = bench_adaptation(args.source_model, {k: storage.absolute(v) for k, v in args.data}, args.shots,
-                              args.budget_seconds, args.finetune_lr, args.threads, seed=args.seed,
+                              args.steps, args.budget_seconds, args.finetune_lr, args.threads, seed=args.seed,
                               patch_tries=args.patch_tries, device=args.device, precision=args.precision,
-                              candidates=tuple(args.candidate or AdaptSettings.candidates))
+                              candidates=tuple(args.candidate or AdaptSettings.candidates),
+                              clip_weights=args.clip_weights)
     write_json(args.out, result)
     print(f"written to {args.out}")
     return 0

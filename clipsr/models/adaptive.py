@@ -10,7 +10,8 @@ G turns SR features F(x) and a CLIP image vector f into aligned features in thre
 ``f_proc`` is constant over the map, so Conv1/Conv2 are 1x1 convolutions evaluated once on a 1x1
 map and then broadcast: identical to running them on the broadcast map, at the cost of one vector
 per image instead of one per pixel. When no CLIP vector is given, a learned null embedding stands
-in, so a model works (and can be trained) without an encoder.
+in, so a model works (and can be trained) without an encoder. Training with an encoder replaces
+the vectors of some samples by the null embedding (``null_mask``), so that fallback stays trained.
 """
 from __future__ import annotations
 
@@ -61,24 +62,32 @@ class DomainAdaptiveModule(nn.Module):
         w[:, :channels, centre, centre] += torch.eye(channels)
         self.fusion.bias.zero_()
 
-    def condition(self, embedding: torch.Tensor | None, batch: int) -> torch.Tensor:
-        """f_spatial as a [B, C, 1, 1] tensor: the per-image domain signal."""
+    def condition(self, embedding: torch.Tensor | None, batch: int,
+                  null_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """f_spatial as a [B, C, 1, 1] tensor: the per-image domain signal. Rows of ``embedding``
+        where ``null_mask`` (a [B] bool tensor) is True take the null embedding instead."""
         if self.folded is not None:
-            if embedding is not None:
+            if embedding is not None or null_mask is not None:
                 raise ValueError("this module's condition is folded; it takes no CLIP vector")
             return self.folded.expand(batch, -1, -1, -1)
+        null = self.null_embedding.unsqueeze(0).expand(batch, -1)
         if embedding is None:
-            embedding = self.null_embedding.unsqueeze(0).expand(batch, -1)
+            embedding = null
         elif embedding.shape != (batch, self.clip_dim):
             raise ValueError(
                 f"CLIP embedding must have shape ({batch}, {self.clip_dim}), got {tuple(embedding.shape)}"
             )
+        elif null_mask is not None:
+            # always through torch.where, so the null embedding takes part (a zero gradient when no
+            # row is dropped): a replicated model then trains the same parameters at every step
+            embedding = torch.where(null_mask.view(batch, 1), null, embedding.to(null.dtype))
         f_proc = self.mlp(embedding.to(self.null_embedding.dtype))
         return self.spatial(f_proc[:, :, None, None])
 
-    def forward(self, feats: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, feats: torch.Tensor, embedding: torch.Tensor | None = None,
+                null_mask: torch.Tensor | None = None) -> torch.Tensor:
         b, _, h, w = feats.shape
-        f_spatial = self.condition(embedding, b).to(feats.dtype).expand(-1, -1, h, w)
+        f_spatial = self.condition(embedding, b, null_mask).to(feats.dtype).expand(-1, -1, h, w)
         return self.fusion(torch.cat([feats, f_spatial], dim=1))
 
     def folded_copy(self, embedding: torch.Tensor | None = None) -> "DomainAdaptiveModule":

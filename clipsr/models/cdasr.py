@@ -20,7 +20,8 @@ class CDASR(nn.Module):
     """CLIP-aware domain-adaptive SR network.
 
     ``forward(lr, embedding)`` takes LR images [B, 3, h, w] in [0, 1] and optional L2-normalised
-    CLIP vectors [B, clip_dim] (None: the learned null embedding) and returns [B, 3, s*h, s*w],
+    CLIP vectors [B, clip_dim] of the LR images (None: the learned null embedding; ``null_mask``:
+    the null embedding for some rows, as conditioned training does) and returns [B, 3, s*h, s*w],
     not clamped (callers clamp when they quantise). The network predicts a residual over a
     bicubic upscale, which makes short CPU training runs converge much faster.
     """
@@ -44,11 +45,12 @@ class CDASR(nn.Module):
         self.adaptive = DomainAdaptiveModule(channels, clip_dim=clip_dim, **(adaptive or {}))
         self.upsampler = UPSAMPLERS[upsampler](channels, scale)
 
-    def forward(self, lr: torch.Tensor, embedding: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, lr: torch.Tensor, embedding: torch.Tensor | None = None,
+                null_mask: torch.Tensor | None = None) -> torch.Tensor:
         if lr.ndim != 4 or lr.shape[1] != 3:
             raise ValueError(f"expected LR images of shape [B, 3, h, w], got {tuple(lr.shape)}")
         feats = self.backbone(self.head(lr))
-        feats = self.adaptive(feats, embedding)
+        feats = self.adaptive(feats, embedding, null_mask)
         base = F.interpolate(lr, scale_factor=self.scale, mode="bicubic", align_corners=False)
         return self.upsampler(feats) + base
 

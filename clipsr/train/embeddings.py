@@ -1,8 +1,11 @@
-"""Image embeddings for training, computed once per (image set, encoder) in a Ray Data pass.
+"""Image embeddings for training, computed once per (image set, encoder, scale) in a Ray Data pass.
 
-Embedding is the expensive part of CLIP conditioning (~0.35 s per image for ViT-B-32 on CPU), so it
-runs once, over whole images, and is cached as Parquet under the run's storage; workers read the
-table instead of embedding patches at every step. The same pass assigns k-means pseudo-domains.
+What is embedded is each training image's LR, degraded whole with the evaluation protocol's
+bicubic at the model's scale: inference has only the LR input to embed, so the model must learn
+from the same vectors it will be given. Embedding is the expensive part of CLIP conditioning
+(~0.35 s per image for ViT-B-32 on CPU), so it runs once, over whole images, and is cached as
+Parquet under the run's storage (one table per encoder and scale); workers read the table instead
+of embedding patches at every step. The same pass assigns k-means pseudo-domains.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from clipsr import imaging, storage
+from clipsr.degrade import make_lr, modcrop
 from clipsr.train.data import list_training_images
 from clipsr.train.episodes import kmeans
 
@@ -33,21 +37,28 @@ def encoder_spec(s: dict[str, Any]) -> dict[str, Any]:
 
 
 def table_uri(s: dict[str, Any], encoder_sha: str) -> str:
-    return storage.join(storage.join(s["storage_path"], s["name"]), f"embeddings/{encoder_sha[:16]}.parquet")
+    name = f"embeddings/{encoder_sha[:16]}-x{s['model']['scale']}.parquet"
+    return storage.join(storage.join(s["storage_path"], s["name"]), name)
+
+
+def lr_view(image: np.ndarray, scale: int) -> np.ndarray:
+    """What inference would be given for this HR image: its RGB, modcropped, degraded whole (uint8)."""
+    return make_lr(modcrop(imaging.to_rgb(image), scale), scale)
 
 
 class Embedder:
-    """Ray Data stage: bytes of each listed image -> its embedding (encoder loaded once per actor)."""
+    """Ray Data stage: bytes of each listed image -> the embedding of its LR (encoder loaded once per actor)."""
 
-    def __init__(self, spec: dict[str, Any], max_pixels: int) -> None:
+    def __init__(self, spec: dict[str, Any], max_pixels: int, scale: int) -> None:
         from clipsr.clip import load_image_encoder
 
         self.encoder = load_image_encoder(spec["arch"], spec["weights"], seed=spec["seed"])
-        self.max_pixels = max_pixels
+        self.max_pixels, self.scale = max_pixels, scale
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         uris = [str(u) for u in batch["uri"]]
-        imgs = [imaging.load_rgb_or_grey_uint8(storage.read_bytes(u), self.max_pixels) for u in uris]
+        imgs = [lr_view(imaging.load_rgb_or_grey_uint8(storage.read_bytes(u), self.max_pixels), self.scale)
+                for u in uris]
         return {"uri": uris, "embedding": list(self.encoder.embed_images(imgs))}
 
 
@@ -68,10 +79,10 @@ def prepare_embeddings(s: dict[str, Any]) -> str | None:
         if set(cached.column("uri").to_pylist()) >= set(uris):
             log.info("reusing embeddings %s", uri)
             return uri
-    log.info("embedding %d training images with %s", len(uris), spec["arch"])
+    log.info("embedding the x%d LR of %d training images with %s", s["model"]["scale"], len(uris), spec["arch"])
     ds = ray.data.from_items([{"uri": u} for u in uris]).map_batches(
         Embedder,
-        fn_constructor_kwargs={"spec": spec, "max_pixels": s["data"]["max_pixels"]},
+        fn_constructor_kwargs={"spec": spec, "max_pixels": s["data"]["max_pixels"], "scale": s["model"]["scale"]},
         batch_size=16,
         compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=1,

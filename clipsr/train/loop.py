@@ -109,9 +109,17 @@ def train_loop_per_worker(s: dict[str, Any]) -> None:
     pools = _domain_pools(images, labels)
 
     def embed(idx: list[int]) -> torch.Tensor | None:
+        """The CLIP vectors of the sampled patches' images (their whole LR; see train.embeddings)."""
         if emb_table is None or s["clip"]["arch"] is None:
             return None
         return torch.from_numpy(np.stack([emb_table[images[i].uri] for i in idx])).to(device)
+
+    def null_mask(emb: torch.Tensor | None) -> torch.Tensor | None:
+        """Which samples train the null embedding instead of their own (``clip.null_rate`` of them),
+        so that a model run without an encoder falls back on a trained vector, not its random start."""
+        if emb is None:
+            return None
+        return torch.from_numpy(sampler.rng.random(emb.shape[0]) < s["clip"]["null_rate"]).to(device)
 
     weights = LossWeights(**{k: s["loss"][k] for k in ("pixel", "perceptual", "semantic")})
     perceptual = (
@@ -139,8 +147,9 @@ def train_loop_per_worker(s: dict[str, Any]) -> None:
             g["lr"] = lr_at(step, s)
         lr_img, hr_img, idx = sampler.sample(batch)
         lr_img, hr_img = lr_img.to(device), hr_img.to(device)
+        emb = embed(idx)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            sr = ddp(lr_img, embed(idx))
+            sr = ddp(lr_img, emb, null_mask(emb))
             loss, terms = loss_fn(sr.float(), hr_img)
         opt.zero_grad(set_to_none=True)
         loss.backward()

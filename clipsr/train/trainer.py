@@ -66,7 +66,9 @@ def export_model(s: dict[str, Any], checkpoint, metrics: dict[str, Any]) -> dict
         "attempt_start_steps": [int(x) for x in state["starts"]],
         "storage": f"{s['export']['dtype']} weights, computed in float32", "note": s["export"]["note"],
         "conditioning": ("learned null embedding, no CLIP encoder: no semantic prior" if clip is None
-                         else f"CLIP embeddings ({clip['arch']}, weights sha256 {clip.get('sha256')})"),
+                         else f"CLIP embeddings of each image's x{s['model']['scale']} LR ({clip['arch']}, weights "
+                              f"sha256 {clip.get('sha256')}); the null embedding trained on "
+                              f"{s['clip']['null_rate']:.0%} of samples as the fallback without an encoder"),
     }
     out = storage.join(run_dir(s), "model.safetensors")
     meta = save_checkpoint(
