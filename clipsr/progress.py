@@ -37,7 +37,9 @@ class Progress:
     """``update(done, counts)`` as work finishes; ``close()`` once at the end."""
 
     def __init__(self, label: str, total: int, unit: str = "images", stream: TextIO | None = None,
-                 every_s: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 every_s: float = 10.0, clock: Callable[[], float] = time.monotonic,
+                 steps: int | None = STEPS) -> None:
+        """``steps``: a log also gets a line at each 1/steps of the work (None: only every ``every_s``)."""
         self.label, self.total, self.unit = label, total, unit
         self.stream = stream or sys.stderr
         self.live = bool(getattr(self.stream, "isatty", lambda: False)())
@@ -47,7 +49,7 @@ class Progress:
         self._done, self._counts, self._notes = 0, {}, ()
         self._width = 0
         self._shown = -1  # images done at the last line written
-        self._step = max(1, -(-total // STEPS))  # images per twentieth, rounded up
+        self._step = max(1, -(-total // steps)) if steps else None  # images per 1/steps, rounded up
 
     def line(self) -> str:
         elapsed = max(self.clock() - self.start, 1e-9)
@@ -64,7 +66,8 @@ class Progress:
     def update(self, done: int, counts: Mapping[str, int], notes: Sequence[str] = ()) -> None:
         self._done, self._counts, self._notes = done, dict(counts), tuple(notes)
         now = self.clock()
-        stepped = not self.live and done // self._step > max(self._shown, 0) // self._step
+        stepped = (not self.live and self._step is not None
+                   and done // self._step > max(self._shown, 0) // self._step)
         if now - self._last < self.every_s and done < self.total and not stepped:
             return
         self._last = now

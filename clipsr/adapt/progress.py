@@ -53,8 +53,9 @@ class ProgressBoard:
         self.planned = dict(planned)
         self.latest: dict[str, DomainProgress] = {}
         self.done: dict[str, str] = {}  # domain -> status
+        # steps arrive steadily for minutes: a line every every_s is enough (no line per twentieth)
         self.progress = Progress("adapt", sum(planned.values()), unit="steps", stream=stream, every_s=every_s,
-                                 clock=clock)
+                                 clock=clock, steps=None)
 
     def update(self, event: DomainProgress) -> None:
         self.latest[event.domain] = event
