@@ -51,7 +51,7 @@ def _index_rows(keys: int, out_root: str) -> Iterator[list[tuple]]:
     batch = []
     for i in range(keys):
         batch.append((_key(i), 200_000 + i % 5000, f"{i:032x}", 1_700_000_000_000, MODEL.id, None, "default", 4,
-                      f"{out_root}/{_key(i)}", 3_000_000, EARLIER_RUN, None, "ok", None))
+                      f"{out_root}/{_key(i)}", 3_000_000, EARLIER_RUN, None, None, None, None, "ok", None, None))
         if len(batch) == 50_000:
             yield batch
             batch = []
