@@ -13,8 +13,8 @@ The "none of these" threshold of a domain is calibrated from its exemplars alone
 each exemplar's similarity to the others (all its views left out). Read as angles, the threshold is
 the one-sided prediction bound at 1% for one more image like the exemplars (Student's t, so that
 ten exemplars, which say little about the spread, give a wider bound than a hundred would), and
-never stricter than the least typical exemplar.
-Because it depends on no other domain, adding a domain changes no other domain's threshold.
+never stricter than the least typical exemplar. Because it depends on no other domain, adding a
+domain changes no other domain's threshold.
 
 The decision: the nearest domain if the input's similarity reaches that domain's threshold, else
 the source model (domain ``default``). The runner-up is the second-nearest domain and the margin the

@@ -437,6 +437,9 @@ def test_enhance_routes_each_image_to_the_nearest_domain(ray_local, source, tmp_
     for r in rows.values():
         assert r["status"] == "ok" and r["model_version"] == "v1" and -1 <= r["route_similarity"] <= 1
         assert "routed to" in r["notes"]
+        # manifest v3: the other domain was the runner-up, and the encoder of the stored embedding
+        assert r["route_runner_up"] == ({"pages", "photos"} - {r["domain"]}).pop() and r["route_margin"] > 0
+        assert r["route_descriptor"].startswith("color-stats random:0 sha256:")
     _, again = run(0.0)  # the registry did not change: nothing is redone
     assert {r["status"] for r in again.values()} == {"skipped"}
     # a new threshold is a new routing: every input is routed again, and none is that close
