@@ -61,3 +61,8 @@ def write_batch(batch: pa.Table) -> pa.Table:
         except Exception as e:  # noqa: BLE001  one bad output must not fail the dataset
             R.fail(row, f"encode/write failed: {R.short_error(e)}")
     return R.to_table(rows)
+
+
+def write_groups(batch: pa.Table) -> pa.Table:
+    """Ray Data task UDF: groups of upscaled rows in, the same groups written (or failed) out."""
+    return R.per_group(write_batch, batch)
