@@ -27,6 +27,7 @@ already in the manifest are folded into the index and their inputs skipped.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import sys
 import tempfile
@@ -196,14 +197,15 @@ def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str]
                   progress: TextIO | None, check_lock: Callable[[], None]) -> Counter:
     import ray
 
-    from clipsr.enhance import pipeline
+    from clipsr.enhance import autoscale, pipeline
     from clipsr.enhance.manifest import ManifestWriter
 
     started_here = init_ray(dashboard=False)
     try:
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        res = pipeline.plan_resources(nodes, opts.device, opts.actors, opts.threads, opts.max_actors,
-                                      opts.actors_per_gpu)
+        nodes, device, max_actors = autoscale.nodes_for_run(
+            opts.device, bool(os.environ.get("RAY_ADDRESS")), opts.gpu_wait, opts.actors, opts.max_actors,
+            opts.actors_per_gpu)
+        res = pipeline.plan_resources(nodes, device, opts.actors, opts.threads, max_actors, opts.actors_per_gpu)
         log.info("inference: %s", res.describe())
         ds = pipeline.build_dataset(plan_parts, res, worker_env(), opts.max_output_pixels, opts.precision,
                                     opts.tile, _absolute_spec(opts.clip_weights), opts.image_timeout,
