@@ -17,6 +17,7 @@ import os
 
 import ray
 
+from clipsr import reaper
 from clipsr.provenance import REVISION_ENV, code_revision
 
 log = logging.getLogger(__name__)
@@ -52,4 +53,5 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True) -> bool:
         return True
     log.info("starting a local Ray (set RAY_ADDRESS to use a cluster)")
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env)
+    reaper.start()  # a killed driver takes its local Ray with it
     return True
