@@ -140,6 +140,7 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--out", default="docs/bench/inference.json", help="where to write the JSON (path or URI)")
     q.set_defaults(func=_run_bench_inference)
     _add_bench_enhance(benches)
+    _add_bench_threads(benches)
     _add_bench_plan(benches)
     _add_bench_train(benches)
     _add_bench_adapt(benches)
@@ -327,6 +328,39 @@ def _run_bench_enhance(args: argparse.Namespace) -> int:
         print(f"{name:>10}: {r['images']} images in {r['seconds']:.1f} s: {r['images_per_s']:.2f} images/s, "
               f"{r['output_mp_per_s']:.2f} output MP/s, peak memory {r['peak_memory_mb']:.0f} MB")
     print(f"ray / plain loop: {result['ray_over_loop_images_per_s']:.2f}; results: {args.out}")
+    return 0
+
+
+def _add_bench_threads(benches: argparse._SubParsersAction) -> None:
+    q = benches.add_parser(
+        "threads",
+        help="inference speed per CPU at several torch thread counts and precisions (the thread default)",
+        description="The bundled model through the upscaler an inference actor runs: one photo-sized "
+                    "input and a batch of thumbnails, at each thread count and precision.",
+    )
+    q.add_argument("--model", default="default", help="model spec (default: the bundled x4 model)")
+    q.add_argument("--scale", type=int, default=4)
+    q.add_argument("--threads", type=_positive_int, action="append", metavar="N",
+                   help="torch threads to measure (repeat; default 1, 2 and 4)")
+    q.add_argument("--precision", choices=["fp32", "bf16"], action="append",
+                   help="precision to measure (repeat; default fp32 and bf16)")
+    q.add_argument("--size", type=_positive_int, default=128, help="side of the photo-sized LR input in pixels")
+    q.add_argument("--runs", type=_positive_int, default=5, help="timed runs per figure (after one warm-up)")
+    q.add_argument("--out", default="docs/bench/threads.json", help="where to write the JSON (path or URI)")
+    q.set_defaults(func=_run_bench_threads)
+
+
+def _run_bench_threads(args: argparse.Namespace) -> int:
+    from clipsr import storage
+    from clipsr.bench import threads as bench
+
+    print(bench.format_header(), flush=True)
+    result = bench.run(args.model, args.scale, args.threads or [1, 2, 4], args.precision or ["fp32", "bf16"],
+                       size=args.size, runs=args.runs, on_result=lambda r: print(bench.format_row(r), flush=True))
+    storage.write_bytes_atomic(args.out, (json.dumps(result, indent=2) + "\n").encode())
+    env = result["environment"]
+    print(f"{env['cpu']}, {env['cpu_count']} CPUs, load average {env['load_average_1m']} to "
+          f"{env['load_average_1m_after']}, {env['date']}; results: {args.out}")
     return 0
 
 
