@@ -4,6 +4,10 @@ Only the actors import torch: the task functions live in torch-free modules (pla
 manifest), because Ray imports a function's module in every worker that runs it, and a torch
 import costs each task worker seconds and about 400 MB.
 
+Rows travel between the stages in decode groups (:func:`clipsr.enhance.rows.group`): up to one
+inference call's rows and 1 MiB of input each, so a group of thumbnails costs one Ray task and one
+block per stage, while a large image is a group of its own.
+
 The written rows (payloads already dropped) stream back to the driver, which writes them as
 manifest parts every few seconds (manifest.ManifestWriter): a killed run keeps every row that
 reached the driver, and the rerun redoes only the inputs that were in flight.
@@ -34,9 +38,9 @@ from typing import Any
 import ray
 import ray.data
 
+from clipsr.enhance import rows as R
 from clipsr.enhance.decode import decode_groups
 from clipsr.enhance.infer import InferGroups
-from clipsr.enhance import rows as R
 from clipsr.enhance.manifest import ManifestWriter
 from clipsr.enhance.options import DEFAULT_MAX_INPUT_BYTES
 from clipsr.enhance.plan import read_plan_parts
@@ -151,7 +155,8 @@ def build_dataset(plan_parts: list[str], res: Resources, env: dict[str, str], ma
     ds.context.wait_for_min_actors_s = ACTOR_START_S
     # Decode groups of at most one inference call's rows and GROUP_BYTES of input: a thumbnail's
     # group shares Ray's costs per task and block among many inputs, and a short run still has a
-    # group for every actor.
+    # group for every actor. (Groups, not a repartition by rows: that is an operator of its own,
+    # tasks of a whole CPU, which a cluster of small nodes, each holding an actor, never has free.)
     ds = ds.map_batches(read_plan_parts, batch_size=1, batch_format="pyarrow", num_cpus=res.light_cpus,
                         fn_kwargs={"max_rows": batch_size}, **remote)
     io = ray.data.TaskPoolStrategy(size=res.io_tasks)
