@@ -262,6 +262,15 @@ def test_gpu_clusters_get_one_actor_per_gpu_or_several_sharing_one():
         plan_resources([{"CPU": 2.0}], actors=0)
 
 
+def test_short_runs_are_cut_into_groups_enough_for_every_actor():
+    from clipsr.enhance.pipeline import rows_per_group
+
+    assert rows_per_group(16, 2000, actors=1) == 16  # a long run: one inference call's rows
+    assert rows_per_group(16, 64, actors=2) == 8  # 8 groups: 4 for each actor
+    assert rows_per_group(16, 5, actors=3) == 1
+    assert rows_per_group(16, None, actors=3) == 16
+
+
 def test_gpus_are_asked_for_only_where_an_autoscaler_can_bring_them():
     from clipsr.enhance.autoscale import gpus_to_request
 

@@ -60,6 +60,10 @@ TASK_CPUS, LIGHT_CPUS = 0.1, 0.05
 #: would only start more worker processes (each a Python interpreter with Ray, seconds of CPU to
 #: start, which Ray stops again when idle).
 IO_TASKS_PER_CPU = 2
+#: Decode groups per actor a short run is cut into at least (groups shrink below one inference
+#: call's rows for that): the least busy actor takes the next group, so with fewer groups than
+#: actors, or as few, some actors get nothing while one does the run.
+GROUPS_PER_ACTOR = 4
 #: Seconds the pipeline waits for its initial actors (each loads torch and the model) to start.
 ACTOR_START_S = 600
 #: Torch threads per CPU inference actor on nodes that hold several actors (docs/benchmarks.md:
@@ -140,10 +144,20 @@ def plan_resources(nodes: Iterable[Mapping[str, float]], device: str = "auto", a
                      io_tasks=io_tasks)
 
 
+def rows_per_group(batch_size: int, rows: int | None, actors: int) -> int:
+    """Rows per decode group: one inference call's at most, and few enough that a short run of
+    ``rows`` inputs still has GROUPS_PER_ACTOR groups for every actor."""
+    if rows is None:
+        return batch_size
+    return max(1, min(batch_size, math.ceil(rows / (GROUPS_PER_ACTOR * actors))))
+
+
 def build_dataset(plan_parts: list[str], res: Resources, env: dict[str, str], max_output_pixels: int,
                   precision: str, tile: int, clip_weights: str | None, image_timeout: float,
-                  batch_size: int = 16, max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> ray.data.Dataset:
-    """The lazy dataset of one run; iterating it runs the job and yields the written (or failed) rows."""
+                  batch_size: int = 16, max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES,
+                  rows: int | None = None) -> ray.data.Dataset:
+    """The lazy dataset of one run (``rows`` inputs planned); iterating it runs the job and yields
+    the written (or failed) rows."""
     remote: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     ds = ray.data.from_items([{"part": uri} for uri in plan_parts], override_num_blocks=max(1, len(plan_parts)))
     ds.context.target_max_block_size = BLOCK_BYTES
@@ -154,11 +168,11 @@ def build_dataset(plan_parts: list[str], res: Resources, env: dict[str, str], ma
     # is done by the first actor before the others have loaded torch.
     ds.context.wait_for_min_actors_s = ACTOR_START_S
     # Decode groups of at most one inference call's rows and GROUP_BYTES of input: a thumbnail's
-    # group shares Ray's costs per task and block among many inputs, and a short run still has a
-    # group for every actor. (Groups, not a repartition by rows: that is an operator of its own,
+    # group shares Ray's costs per task and block among many inputs, and a short run still has
+    # several groups for every actor (rows_per_group). (Groups, not a repartition by rows: that is an operator of its own,
     # tasks of a whole CPU, which a cluster of small nodes, each holding an actor, never has free.)
     ds = ds.map_batches(read_plan_parts, batch_size=1, batch_format="pyarrow", num_cpus=res.light_cpus,
-                        fn_kwargs={"max_rows": batch_size}, **remote)
+                        fn_kwargs={"max_rows": rows_per_group(batch_size, rows, res.min_actors)}, **remote)
     io = ray.data.TaskPoolStrategy(size=res.io_tasks)
     ds = ds.map_batches(decode_groups, batch_size=1, batch_format="pyarrow", num_cpus=res.task_cpus, compute=io,
                         fn_kwargs={"max_output_pixels": max_output_pixels, "max_input_bytes": max_input_bytes},

@@ -209,7 +209,7 @@ def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str]
         log.info("inference: %s", res.describe())
         ds = pipeline.build_dataset(plan_parts, res, worker_env(), opts.max_output_pixels, opts.precision,
                                     opts.tile, _absolute_spec(opts.clip_weights), opts.image_timeout,
-                                    opts.batch_size, opts.max_input_bytes)
+                                    opts.batch_size, opts.max_input_bytes, rows=total)
         writer = ManifestWriter(layout.run_id, layout.manifest_run(), fence=check_lock,
                                 every_s=opts.commit_every)
         bar = Progress("clipsr enhance", total, stream=progress or sys.stderr, every_s=PROGRESS_EVERY_S)
