@@ -9,9 +9,9 @@ grow to the GPUs asked for as the rest join. If none joins in time, ``--device c
 (exit 1) with the reason, and ``--device auto`` runs on the CPUs, saying so in the log.
 
 GPUs are wanted when the run asks for ``--device cuda`` on a cluster it joined (RAY_ADDRESS), or
-when ``--device auto`` finds GPU node types in the cluster's autoscaling config (KubeRay and the
-v2 autoscaler publish it). A Ray the driver started on its own machine has no autoscaler: nothing
-is asked for there. The request is withdrawn when the run ends, so the autoscaler can scale the
+when ``--device auto`` finds GPU node types in the autoscaling config the cluster publishes to
+Ray (what Ray Data and Ray Train read; not every autoscaler publishes it). A Ray the driver
+started on its own machine has no autoscaler: nothing is asked for there. The request is withdrawn when the run ends, so the autoscaler can scale the
 GPU nodes down again.
 """
 from __future__ import annotations
