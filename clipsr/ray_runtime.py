@@ -23,7 +23,7 @@ import os
 
 import ray
 
-from clipsr import ray_logs
+from clipsr import ray_logs, reaper
 from clipsr.provenance import REVISION_ENV, code_revision
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,7 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True, quiet: bool = 
             log.info("starting a local Ray (set RAY_ADDRESS to use a cluster)")
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env,
                      log_to_driver=to_driver)
+            reaper.start()  # a killed driver takes its local Ray with it
     except BaseException:
         ray_logs.stop()
         raise

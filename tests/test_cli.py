@@ -254,6 +254,22 @@ def test_bench_inference_refuses_unknown_configs_before_timing(tmp_path, capsys)
     assert "expected a number >= 1" in capsys.readouterr().err
 
 
+def test_bench_threads_measures_every_thread_count_and_precision_per_cpu(tmp_path, capsys, tiny_checkpoint):
+    import os
+
+    out_json = tmp_path / "threads.json"
+    code, out, _ = _run(capsys, "bench", "threads", "--model", tiny_checkpoint, "--scale", "2", "--threads", "1",
+                        "--threads", "4", "--precision", "fp32", "--size", "16", "--runs", "1", "--out", str(out_json))
+    assert code == 0
+    rows = json.loads(out_json.read_text())["results"]
+    assert [(r["threads"], r["precision"]) for r in rows] == [(1, "fp32")] * 2 + [(4, "fp32")] * 2
+    assert {r["workload"] for r in rows} == {"1 x 16x16", "16 x 48x48 in one pass"}
+    for r in rows:  # per CPU: the threads that can run at once, never more than the machine's CPUs
+        cpus = min(r["threads"], os.cpu_count())
+        assert r["output_mp_per_s_per_cpu"] == pytest.approx(r["output_mp_per_s"] / cpus, rel=1e-2, abs=1e-3)
+    assert out.count("fp32") == 4
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_gpu_bench_without_a_gpu_says_so_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "gpu.json"

@@ -162,3 +162,43 @@ def test_a_killed_driver_keeps_its_finished_rows_and_the_rerun_does_only_the_res
     assert redone == set(keys) - kept  # only what the killed run had not recorded
     assert {r["input_key"] for r in rows if r["status"] == "skipped"} == kept
     assert {p.name for p in out.glob("*.png")} == set(keys)
+
+
+def test_a_gpu_run_asks_the_autoscaler_for_gpus_and_waits_for_one_to_join():
+    """The test plays the autoscaler: it adds a GPU node once the request is in the cluster."""
+    import threading
+
+    import ray
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.cluster_utils import Cluster
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    from clipsr.enhance.autoscale import nodes_for_run
+
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    ray.init(address=c.address)
+    requests: list[bytes | None] = []
+    try:
+        with pytest.raises(ValueError, match="none joined within --gpu-wait=1 s"):
+            nodes_for_run("cuda", joined=True, wait_s=1)
+        assert _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) == b"[]"  # withdrawn
+
+        result: list = []
+        run = threading.Thread(target=lambda: result.append(
+            nodes_for_run("cuda", joined=True, wait_s=300, max_actors=4, actors_per_gpu=2)))
+        run.start()
+        _wait(lambda: _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) not in (None, b"[]"), "the GPU request")
+        requests.append(_internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL))
+        c.add_node(num_cpus=1, num_gpus=1)
+        run.join()
+        (nodes, device, max_actors), = result
+        assert requests == [b'[{"GPU": 1}, {"GPU": 1}]']  # 4 actors, 2 to a GPU
+        assert device == "cuda" and max_actors == 4 and sum(n.get("GPU", 0) for n in nodes) == 1
+        assert _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL) == b"[]"
+        # auto on a cluster that publishes no GPU node types: sized on what is up, nothing asked
+        assert nodes_for_run("auto", joined=True, wait_s=300)[1] == "auto"
+    finally:
+        ray.shutdown()
+        c.shutdown()

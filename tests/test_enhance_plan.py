@@ -253,3 +253,35 @@ def test_retry_failed_and_another_scale_read_permanent_failures_again():
     assert [r["input_key"] for r in sink.processed] == ["bad.png"] and counts.carried == 0
     _, sink = _decide([_obj("bad.png")], index_rows=[_failed_row("bad.png", CORRUPT, scale=2)])
     assert [r["input_key"] for r in sink.processed] == ["bad.png"]  # the pixel limit depends on the scale
+
+
+def test_decode_groups_hold_many_thumbnails_but_a_large_input_alone():
+    kb = 1 << 10
+    assert plan.group_rows([7 * kb] * 40, max_rows=16) == [(0, 16), (16, 32), (32, 40)]
+    mixed = [300 * kb, 300 * kb, 300 * kb, 300 * kb, 5 << 20, 10 * kb, None]
+    assert plan.group_rows(mixed, max_rows=16) == [(0, 3), (3, 4), (4, 5), (5, 7)]
+    assert plan.group_rows([], max_rows=16) == []
+
+
+def test_plan_parts_are_read_back_in_groups_that_keep_every_row_once(tmp_path):
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from clipsr.enhance import rows as R
+
+    parts = []
+    for p in range(2):
+        rows = [dict.fromkeys(R.PLAN.names) | {"input_key": f"{p}/{i:02d}.png", "input_size": 200 << 10, "scale": 4}
+                for i in range(25)]
+        buf = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=R.PLAN), buf)
+        parts.append(str(tmp_path / f"part-{p}.parquet"))
+        storage.write_bytes_atomic(parts[-1], buf.getvalue())
+    groups = plan.read_plan_parts(pa.table({"part": parts}), max_rows=8)
+    table, lengths = R.ungroup(groups, R.PLAN)
+    assert lengths == [5] * 10  # five inputs of 200 KiB fill the 1 MiB of a group before eight rows do
+    assert table.column("input_key").to_pylist() == [f"{p}/{i:02d}.png" for p in range(2) for i in range(25)]
+    regrouped = R.group(table, lengths)
+    assert R.ungroup(regrouped.slice(3, 2), R.PLAN)[1] == lengths[3:5]

@@ -121,6 +121,23 @@ def test_stages_in_order_write_outputs_in_kind_and_valid_manifest_rows(tmp_path,
     assert {r["output_width"] for r in written} == {16, 10, 14}
 
 
+def test_rows_travel_between_the_stages_in_their_decode_groups(tmp_path, tiny):
+    from clipsr.enhance.decode import decode_groups
+    from clipsr.enhance.infer import InferGroups
+    from clipsr.enhance.write import write_groups
+
+    rng = np.random.default_rng(2)
+    files = {f"{i}.png": _png(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)) for i in range(5)}
+    files["broken.png"] = b"not an image"
+    plan = _plan_rows(tmp_path, files, tiny)
+    out = write_groups(InferGroups(threads=1)(decode_groups(R.group(plan, [2, 3, 1]), max_output_pixels=10**8)))
+    table, lengths = R.ungroup(out, R.WORK)
+    assert lengths == [2, 3, 1]  # every group keeps its rows, in order, failed ones included
+    assert table.column("input_key").to_pylist() == list(files)
+    assert table.column("status").to_pylist() == ["ok"] * 5 + ["failed"]
+    assert all((tmp_path / "out" / f"{i}.png").exists() for i in range(5))
+
+
 def test_exif_is_kept_where_the_output_format_can_hold_it_and_noted_where_not(tmp_path, tiny):
     rng = np.random.default_rng(2)
     exif = Image.Exif()
@@ -207,6 +224,7 @@ def test_one_small_machine_gives_its_one_actor_every_usable_cpu():
     two = plan_resources([{"CPU": 2.0}])
     assert (two.device, two.max_actors, two.threads) == ("cpu", 1, 2)
     assert two.actor_cpus + two.task_cpus <= 2.0
+    assert two.io_tasks == 2  # never fewer, so decoding and writing overlap each other and inference
     one = plan_resources([{"CPU": 1.0}])
     assert (one.max_actors, one.threads) == (1, 1) and one.actor_cpus + one.task_cpus <= 1.0
 
@@ -217,11 +235,13 @@ def test_the_pool_grows_with_the_cluster_and_leaves_every_node_room_for_io():
     assert res.threads == 1 and res.actor_cpus == 1.0
     assert res.min_actors == res.max_actors == 4 * 14
     assert res.max_actors * res.actor_cpus <= 64 - 4 * 2  # an eighth of every node left to the I/O tasks
+    assert res.io_tasks == 2 * 8  # two decode (and two write) tasks at once per CPU left free
     tiny = plan_resources([{"CPU": 0.0}, {"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}])
     assert tiny.max_actors == 3  # one actor per one-CPU node, beside a decode or write task
     assert tiny.actor_cpus + 4 * tiny.task_cpus <= 1.0 and 2 * tiny.actor_cpus > 1.0 - 4 * tiny.task_cpus
     grow = plan_resources(nodes, max_actors=200)
     assert (grow.min_actors, grow.max_actors) == (56, 200)  # pending actors ask an autoscaler for nodes
+    assert grow.io_tasks > res.io_tasks  # the I/O tasks may grow with the pool
     fixed = plan_resources(nodes, actors=3, threads=4)
     assert (fixed.min_actors, fixed.max_actors, fixed.threads, fixed.actor_cpus) == (3, 3, 4, 4.0)
     crowded = plan_resources([{"CPU": 2.0}], actors=3)  # more actors than a node holds: they share it
@@ -242,10 +262,37 @@ def test_gpu_clusters_get_one_actor_per_gpu_or_several_sharing_one():
         plan_resources([{"CPU": 2.0}], actors=0)
 
 
+def test_short_runs_are_cut_into_groups_enough_for_every_actor():
+    from clipsr.enhance.pipeline import rows_per_group
+
+    assert rows_per_group(16, 2000, actors=1) == 16  # a long run: one inference call's rows
+    assert rows_per_group(16, 64, actors=2) == 8  # 8 groups: 4 for each actor
+    assert rows_per_group(16, 5, actors=3) == 1
+    assert rows_per_group(16, None, actors=3) == 16
+
+
+def test_gpus_are_asked_for_only_where_an_autoscaler_can_bring_them():
+    from clipsr.enhance.autoscale import gpus_to_request
+
+    # GPU node types configured (up to 8 GPUs), none up yet: ask for the pool's GPUs
+    assert gpus_to_request("auto", 0, 8, joined=True) == 1
+    assert gpus_to_request("cuda", 0, 8, joined=True, max_actors=6, actors_per_gpu=2) == 3
+    assert gpus_to_request("auto", 0, 8, joined=True, actors=20) == 8  # no more than the node types allow
+    # --device cuda on a cluster that publishes no autoscaling config: ask, it may still come
+    assert gpus_to_request("cuda", 0, None, joined=True, actors=2) == 2
+    # nothing to ask for: a GPU is up, CPUs were chosen, no GPU node type, auto without a config,
+    # or a Ray this driver started (no autoscaler)
+    assert gpus_to_request("auto", 1, 8, joined=True) == 0
+    assert gpus_to_request("cpu", 0, 8, joined=True) == 0
+    assert gpus_to_request("cuda", 0, 0, joined=True) == 0
+    assert gpus_to_request("auto", 0, None, joined=True) == 0
+    assert gpus_to_request("cuda", 0, None, joined=False) == 0
+
+
 def test_task_stages_do_not_import_torch():
     """Ray imports a task function's module in every worker: torch there costs ~400 MB a worker."""
     code = ("import sys, clipsr.enhance.plan, clipsr.enhance.decode, clipsr.enhance.write, "
-            "clipsr.enhance.manifest; print('torch' in sys.modules)")
+            "clipsr.enhance.manifest, clipsr.enhance.autoscale; print('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 

@@ -7,7 +7,7 @@ started beforehand: Ray's start-up is excluded, as the acceptance asks; the infe
 start-up (a worker importing torch and loading the model) is a cost of the pipeline and is
 included. Both report images/s, output megapixels/s and peak memory: the plain loop its own peak
 RSS, the Ray run the peak of the summed RSS of the driver and every process it started, sampled
-every 0.2 s (shared pages counted once per process: an upper bound).
+every 0.5 s (shared pages counted once per process: an upper bound).
 
 Weights may be random (``--arch``): speed does not depend on them. On a busy machine every figure
 drops; the environment record carries the load average.
@@ -37,7 +37,10 @@ from clipsr.enhance.routing import resolve_model
 from clipsr.enhance.rows import WORK
 from clipsr.enhance.write import encode_write
 from clipsr.factory import create_model, save_checkpoint
+from clipsr.reaper import descendants
 from clipsr.inference import resolve_precision
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def make_images(folder: str, count: int, size: int, seed: int = 0) -> None:
@@ -95,23 +98,22 @@ def plain_loop(input_dir: str, output_dir: str, spec: str, scale: int | None, th
 
 
 class _TreeMemory:
-    """Peak summed RSS of this process and all its descendants, sampled in a thread."""
+    """Peak summed RSS of this process and all its descendants, sampled in a thread (Linux: /proc)."""
 
-    def __init__(self, interval: float = 0.2) -> None:
-        import psutil
-
-        self._root = psutil.Process()
+    def __init__(self, interval: float = 0.5) -> None:
         self._interval = interval
         self._stop = threading.Event()
         self.peak = 0
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def _sample(self) -> int:
+    @staticmethod
+    def _sample() -> int:
         total = 0
-        for proc in [self._root, *self._root.children(recursive=True)]:
+        for pid in [os.getpid(), *descendants(os.getpid())]:
             try:
-                total += proc.memory_info().rss
-            except Exception:  # noqa: BLE001  processes come and go while we sample
+                with open(f"/proc/{pid}/statm") as f:
+                    total += int(f.read().split()[1]) * _PAGE
+            except OSError:  # processes come and go while we sample
                 pass
         return total
 

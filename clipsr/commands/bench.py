@@ -27,6 +27,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_out(q, "docs/bench/inference.json")
     q.set_defaults(func=_run_bench_inference)
     _add_bench_enhance(benches)
+    _add_bench_threads(benches)
     _add_bench_plan(benches)
     _add_bench_train(benches)
     _add_bench_adapt(benches)
@@ -65,6 +66,37 @@ def _run_bench_inference(args: argparse.Namespace) -> int:
     env = result["environment"]
     print(f"{env['cpu']}, {env['torch_threads']} torch thread(s), torch {env['torch']}, {env['date']}")
     print(f"results: {args.out}")
+    return 0
+
+
+def _add_bench_threads(benches: argparse._SubParsersAction) -> None:
+    q = benches.add_parser(
+        "threads",
+        help="inference speed per CPU at several torch thread counts and precisions (the thread default)",
+        description="The bundled model through the upscaler an inference actor runs: one photo-sized "
+                    "input and a batch of thumbnails, at each thread count and precision.")
+    q.add_argument("--model", default="default", help="model spec (default: the bundled x4 model)")
+    q.add_argument("--scale", type=int, default=4)
+    q.add_argument("--threads", type=positive_int, action="append", metavar="N",
+                   help="torch threads to measure (repeat; default 1, 2 and 4)")
+    q.add_argument("--precision", choices=["fp32", "bf16"], action="append",
+                   help="precision to measure (repeat; default fp32 and bf16)")
+    q.add_argument("--size", type=positive_int, default=128, help="side of the photo-sized LR input in pixels")
+    q.add_argument("--runs", type=positive_int, default=5, help="timed runs per figure (after one warm-up)")
+    add_out(q, "docs/bench/threads.json")
+    q.set_defaults(func=_run_bench_threads)
+
+
+def _run_bench_threads(args: argparse.Namespace) -> int:
+    from clipsr.bench import threads as bench
+
+    print(bench.format_header(), flush=True)
+    result = bench.run(args.model, args.scale, args.threads or [1, 2, 4], args.precision or ["fp32", "bf16"],
+                       size=args.size, runs=args.runs, on_result=lambda r: print(bench.format_row(r), flush=True))
+    write_json(args.out, result)
+    env = result["environment"]
+    print(f"{env['cpu']}, {env['cpu_count']} CPUs, load average {env['load_average_1m']} to "
+          f"{env['load_average_1m_after']}, {env['date']}; results: {args.out}")
     return 0
 
 

@@ -158,3 +158,9 @@ def decode_batch(batch: pa.Table, max_output_pixels: int, max_input_bytes: int =
         except Exception as e:  # noqa: BLE001  one bad input must not fail the dataset
             R.fail(row, f"read/decode failed: {R.short_error(e)}")
     return R.to_table(rows)
+
+
+def decode_groups(batch: pa.Table, max_output_pixels: int, max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES
+                  ) -> pa.Table:
+    """Ray Data task UDF: groups of plan rows in, the same groups decoded (or failed) out."""
+    return R.per_group(lambda table: decode_batch(table, max_output_pixels, max_input_bytes), batch, R.PLAN)

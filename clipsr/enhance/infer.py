@@ -202,3 +202,10 @@ class InferStage:
         except Exception:  # noqa: BLE001  one at a time, so each row gets its own result or reason
             for row, _, lr in group:
                 self._guard(row, lambda: self.upscale_one(row, up, lr))
+
+
+class InferGroups(InferStage):
+    """Ray Data actor UDF over groups of decoded rows (``rows.group``): one call upscales a group."""
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        return R.per_group(super().__call__, batch)

@@ -53,6 +53,7 @@ class EnhanceOptions:
     max_actors: int | None = None
     actors_per_gpu: int = 1
     threads: int | None = None
+    gpu_wait: float = 600.0
     commit_every: float = 30.0
     lock_ttl: float = 600.0
     allow_unconditional_writes: bool = False
@@ -76,6 +77,8 @@ class EnhanceOptions:
             raise ValueError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.commit_every < 0:
             raise ValueError(f"--commit-every must be at least 0 seconds, got {self.commit_every}")
+        if self.gpu_wait < 0:
+            raise ValueError(f"--gpu-wait must be at least 0 seconds, got {self.gpu_wait}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if not 0.0 <= self.strength <= 1.0:
@@ -188,6 +191,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int,
                    help="torch threads per inference actor (default: 1 on nodes that hold several actors, "
                         "else the node's usable CPUs)")
+    p.add_argument("--gpu-wait", type=float, default=600.0, metavar="SECONDS",
+                   help="on a cluster with GPU node types but no GPU node up (or --device cuda on a joined "
+                        "cluster), ask the autoscaler for GPUs and wait this long for the first to join "
+                        "(default 600); then --device cuda stops (exit 1) and auto runs on the CPUs")
     p.add_argument("--commit-every", type=float, default=30.0, metavar="SECONDS",
                    help="write the manifest rows of finished images at least this often, so a killed run "
                         "keeps them and its rerun skips those images (default 30; 0: after every block)")

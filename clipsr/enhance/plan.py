@@ -122,10 +122,34 @@ class StorageSink:
         return self.plan_parts
 
 
-def read_plan_parts(batch: pa.Table) -> pa.Table:
-    """Ray Data task UDF: plan part URIs in (column ``part``), their plan rows out."""
+#: Input bytes one decode task takes at most (a single larger input is a group of its own): a
+#: thumbnail's task decodes many inputs, so Ray's cost per task and per block is paid once for
+#: them, while a photograph's task decodes it alone, beside the others.
+GROUP_BYTES = 1 << 20
+
+
+def group_rows(sizes: list[int | None], max_rows: int, max_bytes: int = GROUP_BYTES) -> list[tuple[int, int]]:
+    """Consecutive ``(start, stop)`` slices of rows with these input sizes, each of at most
+    ``max_rows`` rows and ``max_bytes`` bytes, or of one row that is larger on its own."""
+    groups: list[tuple[int, int]] = []
+    start = total = 0
+    for i, size in enumerate(sizes):
+        if i > start and (i - start >= max_rows or total + (size or 0) > max_bytes):
+            groups.append((start, i))
+            start, total = i, 0
+        total += size or 0
+    if len(sizes) > start:
+        groups.append((start, len(sizes)))
+    return groups
+
+
+def read_plan_parts(batch: pa.Table, max_rows: int, max_bytes: int = GROUP_BYTES) -> pa.Table:
+    """Ray Data task UDF: plan part URIs in (column ``part``), their plan rows out in decode groups
+    (:func:`group_rows`), one row each (``rows.group``)."""
     tables = [pq.read_table(io.BytesIO(storage.read_bytes(uri))) for uri in batch.column("part").to_pylist()]
-    return pa.concat_tables(tables).cast(R.PLAN)
+    rows = pa.concat_tables(tables).cast(R.PLAN)
+    bounds = group_rows(rows.column("input_size").to_pylist(), max_rows, max_bytes)
+    return R.group(rows, [stop - start for start, stop in bounds])
 
 
 def create_tables(db: sqlite3.Connection) -> None:

@@ -9,6 +9,7 @@ never as float32: a 16-bit 1024x1024 RGB output is 6 MB, not 12.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -45,6 +46,42 @@ _ADDED = [
 ]
 WORK = pa.schema(list(PLAN) + [pa.field(name, kind) for name, kind in _ADDED])
 PAYLOADS = ("lr", "alpha", "sr", "icc_profile", "exif")
+
+
+def group_schema(rows: pa.Schema) -> pa.Schema:
+    """A group of rows as one row (column ``rows``): see :func:`group`."""
+    return pa.schema([("rows", pa.list_(pa.struct(list(rows))))])
+
+
+def group(table: pa.Table, lengths: list[int]) -> pa.Table:
+    """Consecutive rows of ``table`` as one row per group of these lengths.
+
+    Between the stages, rows travel in groups: Ray Data sizes its blocks by bytes, and pays per
+    block and per task, so a thumbnail row alone costs more in Ray than its work; a group (the
+    rows of one decode task, at most one inference call's) is a block and a task of its own."""
+    offsets = [0]
+    for length in lengths:
+        offsets.append(offsets[-1] + length)
+    if offsets[-1] != table.num_rows:
+        raise ValueError(f"groups of {offsets[-1]} rows for a table of {table.num_rows}")
+    values = table.to_struct_array().combine_chunks() if table.num_rows else pa.array(
+        [], type=pa.struct(list(table.schema)))
+    lists = pa.ListArray.from_arrays(pa.array(offsets, type=pa.int32()), values)
+    return pa.Table.from_arrays([lists], schema=group_schema(table.schema))
+
+
+def ungroup(batch: pa.Table, schema: pa.Schema) -> tuple[pa.Table, list[int]]:
+    """Group rows back to the rows they hold (of ``schema``), and the groups' lengths."""
+    lists = batch.column("rows").combine_chunks()
+    lengths = lists.value_lengths().fill_null(0).to_pylist()
+    table = pa.Table.from_struct_array(lists.flatten()) if sum(lengths) else schema.empty_table()
+    return table.cast(schema), lengths
+
+
+def per_group(stage: Callable[[pa.Table], pa.Table], batch: pa.Table, schema: pa.Schema = WORK) -> pa.Table:
+    """Run a stage (rows of ``schema`` in, the same rows of WORK out, in order) on groups."""
+    table, lengths = ungroup(batch, schema)
+    return group(stage(table), lengths)
 
 
 def from_table(table: pa.Table) -> list[dict[str, Any]]:

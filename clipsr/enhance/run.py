@@ -30,6 +30,7 @@ already in the manifest are folded into the index and their inputs skipped.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import sys
 import tempfile
@@ -295,7 +296,7 @@ def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str]
     import ray
     import ray.data
 
-    from clipsr.enhance import pipeline
+    from clipsr.enhance import autoscale, pipeline
 
     try:
         started_here = init_ray(dashboard=False, quiet=not verbose)
@@ -305,13 +306,14 @@ def _run_pipeline(opts: EnhanceOptions, layout: RunLayout, plan_parts: list[str]
     notes.ray_log = ray_log()
     try:
         ray_logs.quiet_data(ray.data.DataContext.get_current(), verbose)
-        nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
-        res = pipeline.plan_resources(nodes, opts.device, opts.actors, opts.threads, opts.max_actors,
-                                      opts.actors_per_gpu)
+        nodes, device, max_actors = autoscale.nodes_for_run(
+            opts.device, bool(os.environ.get("RAY_ADDRESS")), opts.gpu_wait, opts.actors, opts.max_actors,
+            opts.actors_per_gpu)
+        res = pipeline.plan_resources(nodes, device, opts.actors, opts.threads, max_actors, opts.actors_per_gpu)
         log.info("inference: %s", res.describe())
         ds = pipeline.build_dataset(plan_parts, res, worker_env(), opts.max_output_pixels, opts.precision,
                                     opts.tile, _absolute_spec(opts.clip_weights), opts.image_timeout,
-                                    opts.batch_size, opts.max_input_bytes)
+                                    opts.batch_size, opts.max_input_bytes, rows=total)
         writer = _NamingWriter(notes.failures, layout.run_id, layout.manifest_run(), fence=check_lock,
                                every_s=opts.commit_every)
         bar = Progress("clipsr enhance", total, stream=progress or sys.stderr, every_s=PROGRESS_EVERY_S)

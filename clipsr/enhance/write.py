@@ -70,3 +70,8 @@ def write_batch(batch: pa.Table) -> pa.Table:
         if row["status"] != "ok":
             row["quality"] = None  # the manifest records the quality of outputs written
     return R.to_table(rows)
+
+
+def write_groups(batch: pa.Table) -> pa.Table:
+    """Ray Data task UDF: groups of upscaled rows in, the same groups written (or failed) out."""
+    return R.per_group(write_batch, batch)
