@@ -67,10 +67,14 @@ def init_ray(num_cpus: int | None = None, dashboard: bool = True, quiet: bool = 
             log.info("starting a local Ray (set RAY_ADDRESS to use a cluster)")
             ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, runtime_env=runtime_env,
                      log_to_driver=to_driver)
-            reaper.start()  # a killed driver takes its local Ray with it
     except BaseException:
         ray_logs.stop()
         raise
+    if not address:
+        try:
+            reaper.start()  # a killed driver takes its local Ray with it
+        except OSError as e:
+            log.warning("could not start the watcher of the local Ray: %s", e)
     node = ray._private.worker._global_node
     if node is not None:
         ray_logs.note(f"Ray's session logs (raylet, workers, ray-data): {node.get_session_dir_path()}/logs")

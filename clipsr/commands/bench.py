@@ -76,7 +76,7 @@ def _add_bench_threads(benches: argparse._SubParsersAction) -> None:
         description="The bundled model through the upscaler an inference actor runs: one photo-sized "
                     "input and a batch of thumbnails, at each thread count and precision.")
     q.add_argument("--model", default="default", help="model spec (default: the bundled x4 model)")
-    q.add_argument("--scale", type=int, default=4)
+    q.add_argument("--scale", type=int, default=4, help="the model's scale (default 4)")
     q.add_argument("--threads", type=positive_int, action="append", metavar="N",
                    help="torch threads to measure (repeat; default 1, 2 and 4)")
     q.add_argument("--precision", choices=["fp32", "bf16"], action="append",

@@ -164,14 +164,14 @@ def build_dataset(plan_parts: list[str], res: Resources, env: dict[str, str], ma
     # The least busy actor takes the next group, wherever it was decoded: with locality on, a
     # node's actor takes every group decoded there while it keeps up, and the others idle. Ray
     # 2.60 deprecates the switch (removal announced for after January 2027) but still obeys it;
-    # its warning would reach every run's console, so it is silenced here.
+    # its warning (in Ray's log file, on the console with --verbose) is dropped here.
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.filterwarnings("ignore", message=".*actor_locality_enabled")
         ds.context.execution_options.actor_locality_enabled = False
     # Start when the pool's first actors are all up, not when the fastest is: otherwise a short run
     # is done by the first actor before the others have loaded torch.
     ds.context.wait_for_min_actors_s = ACTOR_START_S
-    # Decode groups of at most one inference call's rows and GROUP_BYTES of input: a thumbnail's
+    # Decode groups of at most one inference call's rows and plan.GROUP_BYTES of input: a thumbnail's
     # group shares Ray's costs per task and block among many inputs, and a short run still has
     # several groups for every actor (rows_per_group). (Groups, not a repartition by rows: that is an operator of its own,
     # tasks of a whole CPU, which a cluster of small nodes, each holding an actor, never has free.)
