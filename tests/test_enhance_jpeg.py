@@ -82,3 +82,25 @@ def test_a_pair_of_different_scales_is_refused(tmp_path, tiny, capsys):
     assert code == 1
     assert "--jpeg-model is a x4 model but --model is x2" in capsys.readouterr().out
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_the_bundled_model_sends_jpeg_inputs_to_its_jpeg_companion_by_default(ray_local, tmp_path, capsys):
+    from clipsr.factory import read_model_metadata
+
+    clean_id, jpeg_id = (read_model_metadata(s)["id"] for s in ("default", "default-x4-jpeg"))
+    assert clean_id != jpeg_id
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.fromarray(_photo(1)).save(src / "scan.jpg", quality=70)
+    Image.fromarray(_photo(3)).save(src / "drawing.png")
+    out = tmp_path / "out"
+    assert main(["enhance", "--input", str(src), "--output", str(out)]) == 0, capsys.readouterr()
+    rows = _rows(out)
+    assert rows["scan.jpg"]["model_id"].startswith("jpeg-pair-")
+    assert {k: r["model_ran"] for k, r in rows.items()} == {"scan.jpg": jpeg_id, "drawing.png": clean_id}
+    # --jpeg-model none: every input to --model, as before the companion existed
+    out = tmp_path / "plain"
+    assert main(["enhance", "--input", str(src), "--output", str(out), "--jpeg-model", "none"]) == 0
+    assert {k: (r["model_id"], r["model_ran"]) for k, r in _rows(out).items()} == {
+        "scan.jpg": (clean_id, clean_id), "drawing.png": (clean_id, clean_id)}

@@ -10,8 +10,10 @@ if TYPE_CHECKING:
     from clipsr.enhance.output import OutputSettings
 
 DEFAULT_MAX_OUTPUT_PIXELS = 64_000_000
-#: JPEG inputs of this quality or lower go to --jpeg-model: above it JPEG leaves little to undo.
-DEFAULT_JPEG_BELOW = 95
+#: JPEG inputs of this quality or lower go to --jpeg-model. Measured with the bundled pair
+#: (docs/benchmarks.md): the JPEG model gains over the clean one at q75 (+0.28 / +0.47 dB urban /
+#: manga) and q85 (+0.09 / +0.13), loses at q90 (-0.05 / -0.12): above 85, JPEG leaves too little to undo.
+DEFAULT_JPEG_BELOW = 85
 # 256 MiB: above any uncompressed input (16-bit RGBA, 8 bytes a pixel) within the default pixel
 # limit at x2 (16 megapixels), far below what would strain a worker.
 DEFAULT_MAX_INPUT_BYTES = 256 << 20
@@ -33,7 +35,7 @@ class EnhanceOptions:
     outscale: float | None = None
     max_long_edge: int | None = None
     strength: float = 1.0
-    jpeg_model: str | None = None
+    jpeg_model: str | None = "auto"
     jpeg_below: int = DEFAULT_JPEG_BELOW
     format: str | None = None
     quality: int = 95
@@ -141,10 +143,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "weights moved only S of the way from their source model's: source + S x (adapted - "
                         "source); 1 (default): as adapted, 0: the source model. The source model of a routed "
                         "run (--model) runs as it is")
-    p.add_argument("--jpeg-model", metavar="SPEC",
+    p.add_argument("--jpeg-model", metavar="SPEC", default="auto",
                    help="a model of --model's scale for inputs that went through JPEG at --jpeg-below or lower "
                         "(quality read from the file's quantisation tables, or estimated from a JPEG grid), e.g. "
-                        "one pretrained with data.degradation; default: every input to --model")
+                        "one pretrained with data.degradation; 'none': every input to --model; default 'auto': "
+                        "the bundled default-x4-jpeg when --model is the bundled x4 model, else none")
     p.add_argument("--jpeg-below", type=int, default=DEFAULT_JPEG_BELOW, metavar="Q",
                    help=f"JPEG inputs of this quality or lower go to --jpeg-model (default {DEFAULT_JPEG_BELOW})")
     p.add_argument("--format", choices=FORMATS, type=str.lower,

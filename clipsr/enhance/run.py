@@ -157,11 +157,16 @@ def _source_model(opts: EnhanceOptions) -> tuple[ModelRef, float | None]:
 
 def _with_jpeg_model(model: ModelRef, opts: EnhanceOptions) -> ModelRef:
     """``--model`` paired with ``--jpeg-model`` (:mod:`clipsr.enhance.jpeg_route`), or as it is."""
-    if opts.jpeg_model is None:
+    from clipsr.factory import BUNDLED, BUNDLED_JPEG
+
+    jpeg_model = opts.jpeg_model
+    if jpeg_model == "auto":
+        jpeg_model = BUNDLED_JPEG.get(BUNDLED.get(opts.model, ""))
+    if jpeg_model in (None, "none"):
         return model
     if opts.strength != 1.0 and not model.adapted:
         return model  # --strength refuses a plain model below 1 with its own message
-    return jpeg_route.pair_ref(model, resolve_model(_absolute_spec(opts.jpeg_model), None), opts.jpeg_below)
+    return jpeg_route.pair_ref(model, resolve_model(_absolute_spec(jpeg_model), None), opts.jpeg_below)
 
 
 def one_line(exc: BaseException) -> str:
