@@ -34,7 +34,7 @@ from clipsr.adapt.routing_fit import fit_domain
 from clipsr.adapt.settings import AdaptSettings
 from clipsr.adapt.spec import DomainSpec
 from clipsr.factory import encode_checkpoint, load_checkpoint_files, load_encoder_for
-from clipsr.provenance import code_revision, utc_now
+from clipsr.provenance import code_revision
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +134,7 @@ def adapt_one(
         )
         promoted = result.heldout_after > result.heldout_before
         entry = {
-            "domain": spec.name,
-            "created": utc_now(),
+            "domain": spec.name,  # "created" is the registry's, stamped as it publishes
             "model": {"id": meta["id"], "weights_sha256": meta["weights_sha256"], "kind": meta["kind"]},
             "source_model": {"id": smeta["id"], "weights_sha256": smeta["weights_sha256"], "spec": source_spec},
             "clip_encoder": smeta["clip_encoder"],
