@@ -40,7 +40,7 @@ from clipsr.provenance import code_revision, utc_now
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 BUNDLED = {"default": "default-x4", "default-x4": "default-x4", "default-x2": "default-x2",
-           "default-x8": "default-x8", "default-x4-jpeg": "default-x4-jpeg"}
+           "default-x8": "default-x8", "default-x16": "default-x16", "default-x4-jpeg": "default-x4-jpeg"}
 #: The bundled model for JPEG-compressed inputs of a bundled model, which ``clipsr enhance`` pairs
 #: with it by default (``--jpeg-model auto``).
 BUNDLED_JPEG = {"default-x4": "default-x4-jpeg"}
