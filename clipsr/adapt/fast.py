@@ -145,7 +145,7 @@ class Trajectory:
         self.opt = torch.optim.Adam(self.params, lr=lr)
         self.loss = LOSSES[s.loss]
         self.steps = 0
-        self.sampler = ShotSampler(pairs, self.model.scale, s.lr_patch, seed=s.seed, tries=s.patch_tries)
+        self.sampler = ShotSampler(pairs, self.model.scale, s.patch_side(self.model.scale), seed=s.seed, tries=s.patch_tries)
         self.embeddings = None if embeddings is None else embeddings.to(s.device)  # [shots, D], by shot index
 
     def step(self, lr: float) -> None:
@@ -193,7 +193,7 @@ def adapt_domain(source: CDASR, meta: dict[str, Any], shots: list[np.ndarray], s
         raise ValueError(f"the gate needs at least one held-out exemplar, got holdout={s.holdout}")
     if len(shots) < s.holdout + 1:
         raise ValueError(f"need at least {s.holdout + 1} exemplars, got {len(shots)}")
-    pairs = degrade_shots(shots, source.scale, s.lr_patch)
+    pairs = degrade_shots(shots, source.scale, s.patch_side(source.scale), s.degradation, s.seed)
     torch.manual_seed(s.seed)
     n_fit = len(shots) - s.holdout
     fit, held = pairs[:n_fit], pairs[n_fit:]
@@ -243,7 +243,7 @@ def plain_finetune(source: CDASR, shots: list[np.ndarray], lr: float, steps: int
     """The baseline: every weight, one fixed learning rate, RGB L1, no warm-up, all shots, for
     ``steps`` steps (no selection, nothing held out)."""
     plain = dataclasses.replace(s, patch_tries=1, loss="l1", warmup_steps=0)
-    pairs = degrade_shots(shots, source.scale, s.lr_patch)
+    pairs = degrade_shots(shots, source.scale, s.patch_side(source.scale), s.degradation, s.seed)
     trajectory = Trajectory(source, "all", lr, pairs, plain, shot_embeddings(pairs, encoder))
     for _ in range(steps):
         trajectory.step(lr)

@@ -108,8 +108,9 @@ def adapt_one(
         encoder = load_encoder_for(smeta, clip_weights)
         uris = spec.exemplar_uris()
         shots, exemplars = read_shots(uris)
-        # Recorded as it ran: "auto" precision resolved on this worker's hardware.
-        settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device))
+        # Recorded as it ran: "auto" precision resolved on this worker's hardware, the patch side at this scale.
+        settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device),
+                                       lr_patch=settings.patch_side(source.scale))
         result = adapt_domain(source, smeta, shots, settings, encoder, report)
         role = {**dict.fromkeys(result.train_shots, "train"), **dict.fromkeys(result.heldout_shots, "heldout")}
         exemplars = [{**e, "role": role[i]} for i, e in enumerate(exemplars)]

@@ -22,7 +22,7 @@ class AdaptSettings:
     probe_fraction: float = 0.25  # of the steps at a constant rate (each candidate's probe), then the decay
     final_lr_ratio: float = 0.05  # the decay ends at this fraction of the learning rate
     batch: int = 12
-    lr_patch: int = 48
+    lr_patch: int | None = None  # side of the LR training patches; None: patch_side(scale)
     patch_tries: int = 1  # >1: each patch is the most textured of this many random positions
     warmup_steps: int = 100  # the learning rate ramps up linearly over the first steps
     loss: str = "luma-l1"  # "luma-l1" (BT.601 Y, what the domain is scored on) or "l1" (RGB)
@@ -30,6 +30,16 @@ class AdaptSettings:
     seed: int = 0
     device: str = "cpu"  # "cuda" when the domain's task was given a GPU
     precision: str = "auto"  # training arithmetic: auto (bf16 on CPUs with AVX-512 BF16), bf16 or fp32
+    # What the domain's archive did to its LR after the bicubic ("clean", "jpeg:Q", "jpeg:Q1-Q2"):
+    # the exemplars' LR is degraded the same way, so the model learns the archive's inputs.
+    degradation: str = "clean"
+    degradation_from: str | None = None  # the archive prefix it was measured from, when it was
+
+    def patch_side(self, scale: int) -> int:
+        """LR patch side at ``scale``: 32 px (48 px took 1.7 times as long per domain for nearly the
+        same gain on unseen images, docs/benchmarks.md), at most 256 px of HR, so x8 and x16
+        exemplars of a few hundred pixels still hold a patch."""
+        return self.lr_patch or min(32, 256 // scale)
 
     def hold_steps(self) -> int:
         """Steps at the constant learning rate (each candidate's probe, with several)."""

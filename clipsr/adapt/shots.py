@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from clipsr.degrade import make_lr, modcrop
+from clipsr.degradations import Degradation
 from clipsr.train.data import augment
 
 
@@ -28,14 +29,20 @@ class ShotPair:
     hr: np.ndarray
 
 
-def degrade_shots(shots: list[np.ndarray], scale: int, lr_patch: int) -> list[ShotPair]:
-    """Every exemplar (uint8 HxWx3), degraded once; one smaller than a training patch is an error."""
+def degrade_shots(shots: list[np.ndarray], scale: int, lr_patch: int, degradation: str = "clean",
+                  seed: int = 0) -> list[ShotPair]:
+    """Every exemplar (uint8 HxWx3), degraded once: the protocol's bicubic, then ``degradation``
+    (``jpeg:75``: the LR saved as a JPEG at quality 75 and decoded, as the domain's archive did;
+    a range draws one quality per exemplar from ``seed``). One smaller than a training patch is
+    an error."""
     if not shots:
         raise ValueError("no exemplars to sample from")
     small = [i for i, shot in enumerate(shots) if min(shot.shape[:2]) < lr_patch * scale]
     if small:
         raise ValueError(f"exemplars {small} are smaller than one {lr_patch * scale}px training patch")
-    return [ShotPair(i, make_lr(modcrop(shot, scale), scale), modcrop(shot, scale)) for i, shot in enumerate(shots)]
+    archive = Degradation.parse(degradation)
+    return [ShotPair(i, archive.apply(make_lr(modcrop(shot, scale), scale), np.random.default_rng([seed, i])),
+                     modcrop(shot, scale)) for i, shot in enumerate(shots)]
 
 
 def texture(patch: np.ndarray) -> float:

@@ -104,7 +104,7 @@ def adaptation_steps(model: CDASR, shots: list[np.ndarray], steps: int) -> dict[
     out: dict[str, Any] = {}
     for precision in ("fp32", "bf16"):
         s = AdaptSettings(device="cuda", precision=precision, lr_patch=32)
-        trajectory = Trajectory(model, "all", 3e-4, degrade_shots(shots, model.scale, s.lr_patch), s)
+        trajectory = Trajectory(model, "all", 3e-4, degrade_shots(shots, model.scale, s.patch_side(model.scale)), s)
         seconds = _timed(lambda t=trajectory: t.step(t.lr), steps)
         out[precision] = {"ms_per_step": round(statistics.median(seconds) * 1000, 2),
                           "batch": s.batch, "lr_patch": s.lr_patch}

@@ -75,3 +75,13 @@ def cap_seconds(text: str) -> float | None:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected seconds >= 0 (0: no cap), got {value:g}")
     return value or None
+
+
+def degradation_spec(text: str) -> str:
+    """``clean``, ``jpeg:Q`` or ``jpeg:Q1-Q2``, checked and in its canonical form."""
+    from clipsr.degradations import Degradation
+
+    try:
+        return Degradation.parse(text).label
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None

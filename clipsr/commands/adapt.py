@@ -7,7 +7,8 @@ import sys
 from typing import Any
 
 from clipsr.adapt.settings import AdaptSettings
-from clipsr.commands._args import add_verbose, cap_seconds, positive_int, scope_at_lr, usage_errors_exit_1
+from clipsr.commands._args import (add_verbose, cap_seconds, degradation_spec, positive_int, scope_at_lr,
+                                   usage_errors_exit_1)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -49,6 +50,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--routing-encoder-weights", help="weights file/URI for a CLIP routing encoder")
     p.add_argument("--report", help="report path/URI without extension (default REGISTRY/_reports/<time>)")
     p.add_argument("--seed", type=int, default=0, help="seed of the patch sampling and training (default 0)")
+    how = p.add_mutually_exclusive_group()
+    how.add_argument("--degradation", type=degradation_spec, default="clean", metavar="SPEC",
+                     help="what the domains' archive did to its images after downscaling: clean (default), "
+                          "jpeg:Q or jpeg:Q1-Q2; the exemplars' LR is degraded the same way")
+    how.add_argument("--degradation-from", metavar="URI",
+                     help="measure it from a sample of the archive under URI (JPEG quality from the files' "
+                          "quantisation tables): jpeg:Q at their median quality, or clean")
     add_verbose(p)
     usage_errors_exit_1(p)
     p.set_defaults(func=_run)
@@ -69,8 +77,19 @@ def _run(args: argparse.Namespace) -> int:
         specs += load_specs(args.spec)
     if not specs:
         raise ValueError("give at least one --domain NAME=DIR or a --spec file")
+    degradation, source = args.degradation, None
+    if args.degradation_from:
+        from clipsr.adapt.archive_degradation import measure
+
+        source = storage.absolute(args.degradation_from)
+        degradation, found = measure(source)
+        print(f"degradation measured from {source}: {degradation} ({found['with_quality']} of "
+              f"{found['sampled'] - found['unreadable']} sampled files show a JPEG quality"
+              + (f", {found['qualities'][0]} to {found['qualities'][-1]})" if found["qualities"] else ")"),
+              file=sys.stderr, flush=True)
     settings = AdaptSettings(steps=args.steps, budget_seconds=args.budget_seconds, seed=args.seed,
-                             patch_tries=args.patch_tries, precision=args.precision)
+                             patch_tries=args.patch_tries, precision=args.precision, degradation=degradation,
+                             degradation_from=source)
     if args.candidate:
         settings = dataclasses.replace(settings, candidates=tuple(args.candidate))
     encoder = {"arch": args.routing_encoder, "weights": args.routing_encoder_weights, "seed": 0}

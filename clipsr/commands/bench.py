@@ -5,7 +5,8 @@ import argparse
 import json
 
 from clipsr.adapt.settings import AdaptSettings
-from clipsr.commands._args import add_out, cap_seconds, name_eq_uri, positive_int, scope_at_lr, write_json
+from clipsr.commands._args import (add_out, cap_seconds, degradation_spec, name_eq_uri, positive_int, scope_at_lr,
+                                   write_json)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -212,12 +213,18 @@ def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
                    help="adaptation: each patch the most textured of this many positions")
     q.add_argument("--candidate", action="append", type=scope_at_lr, metavar="SCOPE@LR",
                    help="adaptation's candidates, as for clipsr adapt (default: its defaults)")
+    q.add_argument("--lr-patch", type=positive_int, default=None,
+                   help="side of both trainings' LR patches (default: adaptation's, 32 px up to x8)")
+    q.add_argument("--degradation", type=degradation_spec, default="clean", metavar="SPEC",
+                   help="clean (default) or jpeg:Q: the exemplars degraded so for both trainings, and the unseen "
+                        "images scored with their LR saved at that JPEG quality (as evaluate --jpeg Q)")
     q.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where adaptation and fine-tuning train")
     q.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=AdaptSettings.precision,
                    help="training arithmetic of both (auto: bf16 on CPUs with AVX-512 BF16, else fp32)")
     q.add_argument("--finetune-lr", type=float, default=3e-4,
                    help="learning rate of the plain fine-tuning baseline (0: leave the baseline out)")
-    q.add_argument("--threads", type=positive_int, default=2, help="torch threads of both trainings (default 2)")
+    q.add_argument("--threads", type=positive_int, default=1,
+                   help="torch threads of both trainings (default 1, as clipsr adapt's one CPU per domain)")
     q.add_argument("--seed", type=int, default=0, help="seed of both trainings (patches, initial state)")
     add_out(q, "docs/bench/adapt.json")
     q.set_defaults(func=_run_bench_adapt)
@@ -231,7 +238,8 @@ def _run_bench_adapt(args: argparse.Namespace) -> int:
                               args.steps, args.budget_seconds, args.finetune_lr, args.threads, seed=args.seed,
                               patch_tries=args.patch_tries, device=args.device, precision=args.precision,
                               candidates=tuple(args.candidate or AdaptSettings.candidates),
-                              clip_weights=args.clip_weights)
+                              clip_weights=args.clip_weights, lr_patch=args.lr_patch,
+                              degradation=args.degradation)
     write_json(args.out, result)
     print(f"written to {args.out}")
     return 0

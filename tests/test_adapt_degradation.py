@@ -1,0 +1,74 @@
+"""Adaptation that matches the archive: exemplars degraded as the domain's inputs are (given, or
+measured from a sample of the archive), recorded in the registry's lineage."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from clipsr import storage
+from clipsr.adapt.archive_degradation import measure
+from clipsr.adapt.shots import degrade_shots
+from clipsr.cli import main
+from clipsr.degrade import make_lr
+from clipsr.degradations import jpeg_roundtrip
+from clipsr.registry import Registry
+
+
+def _photo(seed: int, size: int = 64) -> np.ndarray:
+    """Smooth colour waves and mild noise: no 8x8 grid of its own for the blind estimate to see."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    img = np.stack([np.sin((3 + c + seed % 3) * np.pi * (xx + c * yy)) for c in range(3)], -1) * 0.4 + 0.5
+    return (np.clip(img + rng.normal(0, 0.02, img.shape), 0, 1) * 255).astype(np.uint8)
+
+
+def _encoded(img: np.ndarray, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_exemplars_degraded_as_the_archive_is():
+    shots = [_photo(i) for i in range(3)]
+    clean = degrade_shots(shots, 2, 8)
+    jpeg = degrade_shots(shots, 2, 8, "jpeg:60")
+    for c, j, shot in zip(clean, jpeg, shots):
+        assert np.array_equal(c.lr, make_lr(shot, 2)) and np.array_equal(j.hr, c.hr)
+        assert np.array_equal(j.lr, jpeg_roundtrip(make_lr(shot, 2), 60))
+    # a range draws one quality per exemplar, the same for the same seed
+    a, b = degrade_shots(shots, 2, 8, "jpeg:20-95", seed=3), degrade_shots(shots, 2, 8, "jpeg:20-95", seed=3)
+    assert all(np.array_equal(x.lr, y.lr) for x, y in zip(a, b))
+
+
+def test_the_archive_degradation_is_measured_from_a_sample(tmp_path):
+    jpegs, pngs = tmp_path / "jpegs", tmp_path / "pngs"
+    for i, q in enumerate((70, 75, 75, 80)):
+        storage.write_bytes_atomic(str(jpegs / f"{i}.jpg"), _encoded(_photo(i), "JPEG", quality=q))
+    storage.write_bytes_atomic(str(jpegs / "9.png"), _encoded(_photo(9), "PNG"))
+    storage.write_bytes_atomic(str(jpegs / "broken.jpg"), b"\xff\xd8 not a JPEG")
+    spec, found = measure(str(jpegs))
+    assert spec == "jpeg:75"
+    assert (found["sampled"], found["unreadable"], found["qualities"]) == (6, 1, [70, 75, 75, 80])
+    for i in range(3):
+        storage.write_bytes_atomic(str(pngs / f"{i}.png"), _encoded(_photo(i), "PNG"))
+    assert measure(str(pngs))[0] == "clean"
+
+
+@pytest.mark.slow
+def test_adapt_records_the_degradation_it_measured(ray_local, tiny_checkpoint, tmp_path, capsys):
+    exemplars, archive, registry = tmp_path / "ex", tmp_path / "archive", str(tmp_path / "registry")
+    for i in range(3):
+        storage.write_bytes_atomic(str(exemplars / f"{i}.png"), _encoded(_photo(i, 64), "PNG"))
+        storage.write_bytes_atomic(str(archive / f"{i}.jpg"), _encoded(_photo(i + 5, 24), "JPEG", quality=50))
+    assert main(["adapt", "--source-model", tiny_checkpoint, "--domain", f"scans={exemplars}", "--shots", "3",
+                 "--steps", "3", "--out", registry, "--degradation-from", str(archive)]) == 0
+    assert f"degradation measured from {archive}: jpeg:50 (3 of 3 sampled files" in capsys.readouterr().err
+    selection = Registry(registry).get("scans", 1).doc["settings"]["selection"]
+    assert (selection["degradation"], selection["degradation_from"]) == ("jpeg:50", str(archive))
+    # given explicitly, a bad one is a usage error (exit 1) before anything starts
+    with pytest.raises(SystemExit) as exc:
+        main(["adapt", "--domain", f"scans={exemplars}", "--out", registry, "--degradation", "jpeg:0"])
+    assert exc.value.code == 1
