@@ -91,8 +91,10 @@ class Resources:
 
 
 def io_reserve(node_cpus: float) -> float:
-    """CPUs of one node kept free of inference actors for the decode and write tasks."""
-    return max(0.5, node_cpus / 8)
+    """CPUs of one node kept free of inference actors for the decode and write tasks. Under half
+    of a one-CPU node: its actor then takes more than half, so the actor Ray restarts for a lost
+    node can never squeeze onto a survivor's free share and starve its decode tasks (a hang)."""
+    return max(0.4, node_cpus / 8)
 
 
 def plan_resources(nodes: Iterable[Mapping[str, float]], device: str = "auto", actors: int | None = None,
@@ -161,13 +163,11 @@ def build_dataset(plan_parts: list[str], res: Resources, env: dict[str, str], ma
     remote: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     ds = ray.data.from_items([{"part": uri} for uri in plan_parts], override_num_blocks=max(1, len(plan_parts)))
     ds.context.target_max_block_size = BLOCK_BYTES
-    # The least busy actor takes the next group, wherever it was decoded: with locality on, a
-    # node's actor takes every group decoded there while it keeps up, and the others idle. Ray
-    # 2.60 deprecates the switch (removal announced for after January 2027) but still obeys it;
-    # its warning (in Ray's log file, on the console with --verbose) is dropped here.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*actor_locality_enabled")
-        ds.context.execution_options.actor_locality_enabled = False
+    # Which actor takes the next group is Ray Data's own choice: an actor on the node that holds
+    # the decoded group while it has a free slot, else the least busy one. Turning locality off
+    # (a switch Ray 2.60 deprecates) made one node's actor take every group of a short run in
+    # one of three runs of tests/test_enhance_cluster.py; with Ray's default, three of three
+    # spread over both nodes.
     # Start when the pool's first actors are all up, not when the fastest is: otherwise a short run
     # is done by the first actor before the others have loaded torch.
     ds.context.wait_for_min_actors_s = ACTOR_START_S
