@@ -174,14 +174,33 @@ def ray_local(s3_server):
     and the slack keeps a pool from starving the tasks that feed it.
     """
     ray = pytest.importorskip("ray")
-    from clipsr.ray_runtime import worker_env
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False,
-             runtime_env={"env_vars": worker_env()}, log_to_driver=False)
+    _init_local_ray(ray)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _init_local_ray(ray) -> None:
+    from clipsr.ray_runtime import worker_env
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False,
+             runtime_env={"env_vars": worker_env()}, log_to_driver=False)
+
+
+@pytest.fixture
+def own_ray_driver():
+    """For a test whose process must drive a cluster of its own: the session's local Ray (if an
+    earlier test started it) is stopped for the test and started again after it."""
+    ray = pytest.importorskip("ray")
+    was_up = ray.is_initialized()
+    ray.shutdown()
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+        if was_up:
+            _init_local_ray(ray)
 
 
 @pytest.fixture

@@ -164,7 +164,7 @@ def test_a_killed_driver_keeps_its_finished_rows_and_the_rerun_does_only_the_res
     assert {p.name for p in out.glob("*.png")} == set(keys)
 
 
-def test_a_gpu_run_asks_the_autoscaler_for_gpus_and_waits_for_one_to_join():
+def test_a_gpu_run_asks_the_autoscaler_for_gpus_and_waits_for_one_to_join(own_ray_driver):
     """The test plays the autoscaler: it adds a GPU node once the request is in the cluster."""
     import threading
 
