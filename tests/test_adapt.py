@@ -495,6 +495,28 @@ def test_the_learning_rate_warms_up_over_the_first_steps(source):
     assert used == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
 
 
+def test_each_weight_is_updated_from_its_own_gradient(source):
+    """The fused Adam of adaptation moves the weights as PyTorch's reference Adam does on the same
+    gradients. (oneDNN's bf16 convolutions return gradients channels-last; handed over as they
+    were, the fused kernel read them as contiguous and scrambled every convolution's update.)"""
+    from clipsr.adapt.fast import Trajectory
+    from clipsr.adapt.shots import degrade_shots
+
+    model, _ = load_checkpoint(source)
+    shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(2)]
+    s = dataclasses.replace(SETTINGS, warmup_steps=1, precision="auto")
+    fused, reference = (Trajectory(model, "all", 1e-3, degrade_shots(shots, model.scale, s.lr_patch), s)
+                        for _ in range(2))
+    reference.opt = torch.optim.Adam(reference.params, lr=1e-3, foreach=False, fused=False)
+    assert fused.opt.defaults["fused"]
+    for _ in range(4):
+        fused.step(1e-3)
+        reference.step(1e-3)
+    for (name, p), q in zip(fused.model.named_parameters(), reference.model.parameters()):
+        assert not torch.equal(p, dict(model.named_parameters())[name]), name  # it trained
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-5, msg=name)
+
+
 def test_training_precision_is_resolved_from_the_hardware_and_checked():
     from clipsr.adapt.fast import resolve_precision
 

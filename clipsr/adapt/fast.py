@@ -18,7 +18,8 @@ weights on a fast machine and on a busy one (bit for bit on a CPU with the same 
 
 Every step samples aligned patches of the exemplars degraded whole (clipsr.adapt.shots), measures
 the L1 distance of luma (the channel the domain is scored on), warms its learning rate up over the
-first ``warmup_steps``, and runs in bf16 where the CPU computes it natively.
+first ``warmup_steps``, runs in bf16 where the CPU computes it natively, and updates the weights
+with a fused Adam.
 
 A source model conditioned on a CLIP encoder is adapted and scored as inference will run it: each
 patch is conditioned on the embedding of its exemplar's whole LR (what inference embeds is the LR
@@ -142,7 +143,10 @@ class Trajectory:
         self.autocast = {"device_type": torch.device(s.device).type, "dtype": torch.bfloat16,
                          "enabled": resolve_precision(s.precision, s.device) == "bf16"}
         self.params = self.model.adaptation_parameters(scope)
-        self.opt = torch.optim.Adam(self.params, lr=lr)
+        # Fused: one kernel over every weight instead of a dozen small ops each; a domain took 140 s
+        # on one CPU thread instead of 158 (docs/benchmarks.md, "Few-shot adaptation"). It relies
+        # on inner_loop handing it gradients laid out as their weights.
+        self.opt = torch.optim.Adam(self.params, lr=lr, fused=True)
         self.loss = LOSSES[s.loss]
         self.steps = 0
         self.sampler = ShotSampler(pairs, self.model.scale, s.patch_side(self.model.scale), seed=s.seed, tries=s.patch_tries)

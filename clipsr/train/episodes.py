@@ -18,6 +18,15 @@ import torch.nn as nn
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
 
 
+def as_laid_out(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``grad`` in ``param``'s memory layout. oneDNN's bf16 convolutions return a weight's gradient
+    channels-last while the weight is contiguous; a fused Adam reads both as the same memory, so
+    without this each element of a weight moves by another element's gradient (CPU, torch 2.14)."""
+    if grad.stride() == param.stride():
+        return grad
+    return torch.empty_like(param).copy_(grad)
+
+
 def inner_loop(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -37,7 +46,7 @@ def inner_loop(
         loss = loss_fn(model(lr_img, emb), hr_img)
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads):
-            p.grad = None if g is None else g.detach()
+            p.grad = None if g is None else as_laid_out(g.detach(), p)
         opt.step()
         losses.append(float(loss.detach()))
     for p in params:
