@@ -163,11 +163,10 @@ def build_dataset(plan_parts: list[str], res: Resources, env: dict[str, str], ma
     remote: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
     ds = ray.data.from_items([{"part": uri} for uri in plan_parts], override_num_blocks=max(1, len(plan_parts)))
     ds.context.target_max_block_size = BLOCK_BYTES
-    # Which actor takes the next group is Ray Data's own choice: an actor on the node that holds
-    # the decoded group while it has a free slot, else the least busy one. Turning locality off
-    # (a switch Ray 2.60 deprecates) made one node's actor take every group of a short run in
-    # one of three runs of tests/test_enhance_cluster.py; with Ray's default, three of three
-    # spread over both nodes.
+    # Which actor takes the next group is Ray Data's own choice (its default, actor locality): an
+    # actor on the node that holds the decoded group while it has a free slot, else the least busy
+    # one. So a second actor gets work once the first falls behind, as it does when inference is
+    # the bottleneck; a model much faster than the decode keeps a short run on one actor.
     # Start when the pool's first actors are all up, not when the fastest is: otherwise a short run
     # is done by the first actor before the others have loaded torch.
     ds.context.wait_for_min_actors_s = ACTOR_START_S
