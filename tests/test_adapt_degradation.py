@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from clipsr import routing_descriptor as route_stats
 from clipsr import storage
 from clipsr.adapt.archive_degradation import measure
 from clipsr.adapt.shots import degrade_shots
@@ -66,8 +67,15 @@ def test_adapt_records_the_degradation_it_measured(ray_local, tiny_checkpoint, t
     assert main(["adapt", "--source-model", tiny_checkpoint, "--domain", f"scans={exemplars}", "--shots", "3",
                  "--steps", "3", "--out", registry, "--degradation-from", str(archive)]) == 0
     assert f"degradation measured from {archive}: jpeg:50 (3 of 3 sampled files" in capsys.readouterr().err
-    selection = Registry(registry).get("scans", 1).doc["settings"]["selection"]
+    doc = Registry(registry).get("scans", 1).doc
+    selection = doc["settings"]["selection"]
     assert (selection["degradation"], selection["degradation_from"]) == ("jpeg:50", str(archive))
+    # routing is fitted on the exemplars as the archive's inputs arrive: JPEG'd, not clean
+    assert doc["routing"]["degradation"]["archive"] == "jpeg:50"
+    for i, views in enumerate(doc["routing"]["exemplars"]):
+        as_archived = route_stats.embed(jpeg_roundtrip(make_lr(_photo(i, 64), 2), 50))
+        np.testing.assert_allclose(np.asarray(views, np.float32), as_archived, atol=1e-5)
+        assert not np.allclose(np.asarray(views, np.float32), route_stats.embed(make_lr(_photo(i, 64), 2)), atol=1e-3)
     # given explicitly, a bad one is a usage error (exit 1) before anything starts
     with pytest.raises(SystemExit) as exc:
         main(["adapt", "--domain", f"scans={exemplars}", "--out", registry, "--degradation", "jpeg:0"])

@@ -68,7 +68,7 @@ def lineage() -> dict:
 def publish(registry: str, name: str, shots: list[np.ndarray], encoder: dict | None = None) -> None:
     """A domain version with the routing data adaptation would give it (no training: routing
     does not depend on the weights)."""
-    block, centroid = fit_domain(shots, 2, encoder or {"arch": rd.ARCH})
+    block, centroid = fit_domain([degrade(s, 2) for s in shots], 2, encoder or {"arch": rd.ARCH})
     entry = {**lineage(), "centroid_encoder": block["encoder"], "routing": block}
     Registry(registry).publish(name, f"weights of {name}".encode(), entry, centroid=centroid, promote=True)
 
@@ -99,22 +99,23 @@ def test_the_descriptor_identity_changes_with_its_definition(monkeypatch):
     assert rd.identity()["sha256"] != before["sha256"]
 
 
-def test_drawings_and_facades_are_told_apart_and_the_degradation_is_the_protocols():
+def test_drawings_and_facades_are_told_apart_from_their_downscales():
     shots = {"drawn": [drawing(s) for s in range(5)], "facades": [facade(s) for s in range(5)]}
-    domains = {n: dr.DomainRouting.from_entry({"routing": fit_domain(s, 2, {"arch": rd.ARCH})[0]})
+    domains = {n: dr.DomainRouting.from_entry({"routing": fit_domain([degrade(x, 2) for x in s], 2, {"arch": rd.ARCH})[0]})
                for n, s in shots.items()}
     names = sorted(domains)
     for name, make in (("drawn", drawing), ("facades", facade)):
         for seed in (100, 101, 102):
             d = dr.decide(rd.embed(degrade(make(seed), 2)), [domains[n] for n in names])
             assert names[d.chosen] == name and d.margin > 0
-    # the exemplars' embeddings are those of their x2 bicubic downscales, as inputs arrive
-    block, _ = fit_domain(shots["drawn"][:3], 2, {"arch": rd.ARCH})
+    # the block holds the embeddings of the LR it was given, and says how that LR was made
+    block, _ = fit_domain([degrade(s, 2) for s in shots["drawn"][:3]], 2, {"arch": rd.ARCH})
     from clipsr.degrade import make_lr
 
     np.testing.assert_allclose(np.asarray(block["exemplars"][0], np.float32), rd.embed(make_lr(shots["drawn"][0], 2)),
                                atol=1e-6)
-    assert block["degradation"] == {"kind": "bicubic", "scale": 2, "function": "clipsr.degrade.make_lr"}
+    assert block["degradation"] == {"kind": "bicubic", "scale": 2, "function": "clipsr.degrade.make_lr",
+                                   "archive": "clean"}
 
 
 # --- calibration and decision ----------------------------------------------------------------

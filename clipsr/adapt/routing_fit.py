@@ -3,9 +3,11 @@
 A domain's routing block (its registry entry's ``routing``) holds the embeddings of its exemplars
 degraded exactly as inputs arrive: the protocol's bicubic (clipsr.degrade.make_lr) at the
 domain's scale, since routing embeds LR inputs, and an HR exemplar's statistics (edges, noise,
-spectrum) are not those of its downscale. With them: the "none of these" threshold calibrated by
-leave-one-out (clipsr.domain_routing), the leave-one-out similarities it came from, and the
-encoder's identity, so routing never compares vectors of two encoders.
+spectrum) are not those of its downscale; then what the domain's archive did to its LR (a JPEG
+archive's inputs carry its blocking, and a descriptor of edges and spectrum sees it). With them:
+the "none of these" threshold calibrated by leave-one-out (clipsr.domain_routing), the
+leave-one-out similarities it came from, and the encoder's identity, so routing never compares
+vectors of two encoders.
 
 The confusion is measured over the registry's current domains, old and new, after a run of
 ``clipsr adapt``: a new domain can take an old domain's images as well as lose its own.
@@ -31,17 +33,19 @@ def degrade(shot: np.ndarray, scale: int) -> np.ndarray:
     return make_lr(modcrop(shot, scale), scale)
 
 
-def fit_domain(shots: list[np.ndarray], scale: int, encoder_spec: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray]:
-    """The routing block of a domain from its HR exemplars, and the (unit) mean of their
+def fit_domain(lrs: list[np.ndarray], scale: int, encoder_spec: dict[str, Any],
+               archive: str = "clean") -> tuple[dict[str, Any], np.ndarray]:
+    """The routing block of a domain from its exemplars as inputs arrive (``degrade``, then
+    ``archive``: the degradation the adaptation gave them, recorded), and the (unit) mean of their
     embeddings, kept as the entry's centroid for readers of older versions."""
     encoder = dr.load_encoder(encoder_spec["arch"], encoder_spec.get("weights"), seed=encoder_spec.get("seed", 0))
-    embeddings = [np.asarray(encoder.embed(degrade(s, scale)), dtype=np.float32) for s in shots]
+    embeddings = [np.asarray(encoder.embed(lr), dtype=np.float32) for lr in lrs]
     loo = dr.leave_one_out(embeddings)
     threshold = dr.calibrate_threshold(loo)
     block = {
         "encoder": encoder.identity_dict,
         "descriptor": dr.describe_encoder(encoder.identity_dict),
-        "degradation": {"kind": "bicubic", "scale": scale, "function": "clipsr.degrade.make_lr"},
+        "degradation": {"kind": "bicubic", "scale": scale, "function": "clipsr.degrade.make_lr", "archive": archive},
         "k": dr.K_NEAREST,
         "threshold": None if threshold is None else round(threshold, 6),
         "calibration": CALIBRATION if threshold is not None else "too few exemplars to calibrate (3 needed)",

@@ -114,7 +114,7 @@ def adapt_one(
         result = adapt_domain(source, smeta, shots, settings, encoder, report)
         role = {**dict.fromkeys(result.train_shots, "train"), **dict.fromkeys(result.heldout_shots, "heldout")}
         exemplars = [{**e, "role": role[i]} for i, e in enumerate(exemplars)]
-        routing, centroid = fit_domain(shots, source.scale, routing_encoder)
+        routing, centroid = fit_domain(result.shot_lrs, source.scale, routing_encoder, settings.degradation)
         scores = {
             "heldout_psnr_y_before": result.heldout_before, "heldout_psnr_y_after": result.heldout_after,
             "gain_db": result.gain_db, "heldout_shots": len(result.heldout_shots),

@@ -55,7 +55,7 @@ def check(folders: dict[str, str], shots: int, take: int, scale: int) -> dict[st
     domains, unseen = {}, {}
     for name, folder in folders.items():
         uris = storage.list_images(folder)
-        block, _ = fit_domain([_read(u) for u in uris[:shots]], scale, {"arch": rd.ARCH})
+        block, _ = fit_domain([degrade(_read(u), scale) for u in uris[:shots]], scale, {"arch": rd.ARCH})
         domains[name] = dr.DomainRouting.from_entry({"routing": block})
         unseen[name] = uris[shots:shots + take]
     names = sorted(domains)
