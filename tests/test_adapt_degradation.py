@@ -12,6 +12,7 @@ from clipsr import routing_descriptor as route_stats
 from clipsr import storage
 from clipsr.adapt.archive_degradation import measure
 from clipsr.adapt.shots import degrade_shots
+from clipsr.adapt.spec import DomainSpec
 from clipsr.cli import main
 from clipsr.degrade import make_lr
 from clipsr.degradations import jpeg_roundtrip
@@ -80,3 +81,39 @@ def test_adapt_records_the_degradation_it_measured(ray_local, tiny_checkpoint, t
     with pytest.raises(SystemExit) as exc:
         main(["adapt", "--domain", f"scans={exemplars}", "--out", registry, "--degradation", "jpeg:0"])
     assert exc.value.code == 1
+
+
+def test_a_domain_spec_names_its_own_archive_or_degradation(tmp_path):
+    spec = DomainSpec.from_dict({"name": "scans", "exemplars": ["a.png", "b.png"], "degradation": "jpeg:80-80"})
+    assert (spec.degradation, spec.degradation_from) == ("jpeg:80", None)  # canonical, as recorded
+    with pytest.raises(ValueError, match="domain scans: .*1..100"):
+        DomainSpec.from_dict({"name": "scans", "exemplars": ["a.png", "b.png"], "degradation": "jpeg:0"})
+    with pytest.raises(ValueError, match="not both"):  # a measured archive and a given spec could disagree
+        DomainSpec.from_dict({"name": "scans", "exemplars": ["a.png", "b.png"], "degradation": "jpeg:80",
+                              "degradation_from": str(tmp_path)})
+
+
+@pytest.mark.slow
+def test_one_run_adapts_domains_of_different_archives(ray_local, tiny_checkpoint, tmp_path, capsys):
+    registry, spec = str(tmp_path / "registry"), tmp_path / "domains.yaml"
+    for name in ("scans", "photos", "plain"):
+        for i in range(3):
+            storage.write_bytes_atomic(str(tmp_path / name / f"{i}.png"), _encoded(_photo(i, 64), "PNG"))
+    for i in range(3):  # the scans' archive is JPEG at quality 50
+        storage.write_bytes_atomic(str(tmp_path / "archive" / f"{i}.jpg"), _encoded(_photo(i + 5, 24), "JPEG", quality=50))
+    spec.write_text(
+        f"domains:\n"
+        f"  - {{name: scans, exemplars: {{prefix: '{tmp_path / 'scans'}', take: 3}}, degradation_from: '{tmp_path / 'archive'}'}}\n"
+        f"  - {{name: photos, exemplars: {{prefix: '{tmp_path / 'photos'}', take: 3}}, degradation: 'jpeg:80'}}\n"
+        f"  - {{name: plain, exemplars: {{prefix: '{tmp_path / 'plain'}', take: 3}}}}\n")
+    assert main(["adapt", "--source-model", tiny_checkpoint, "--spec", str(spec), "--steps", "2", "--out", registry,
+                 "--degradation", "jpeg:60"]) == 0
+    assert f"degradation measured from {tmp_path / 'archive'}: jpeg:50" in capsys.readouterr().err
+    got = {}
+    for name in ("scans", "photos", "plain"):
+        doc = Registry(registry).get(name, 1).doc
+        selection = doc["settings"]["selection"]
+        got[name] = (selection["degradation"], selection["degradation_from"], doc["routing"]["degradation"]["archive"])
+    assert got == {"scans": ("jpeg:50", str(tmp_path / "archive"), "jpeg:50"),
+                   "photos": ("jpeg:80", None, "jpeg:80"),
+                   "plain": ("jpeg:60", None, "jpeg:60")}

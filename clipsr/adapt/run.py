@@ -111,6 +111,9 @@ def adapt_one(
         # Recorded as it ran: "auto" precision resolved on this worker's hardware, the patch side at this scale.
         settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device),
                                        lr_patch=settings.patch_side(source.scale))
+        if spec.degradation is not None:  # the domain's own archive (resolved by the command)
+            settings = dataclasses.replace(settings, degradation=spec.degradation,
+                                           degradation_from=spec.degradation_from)
         result = adapt_domain(source, smeta, shots, settings, encoder, report)
         role = {**dict.fromkeys(result.train_shots, "train"), **dict.fromkeys(result.heldout_shots, "heldout")}
         exemplars = [{**e, "role": role[i]} for i, e in enumerate(exemplars)]

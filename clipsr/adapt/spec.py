@@ -6,6 +6,7 @@ from typing import Any
 
 from clipsr import storage
 from clipsr.config import parse_document, validate
+from clipsr.degradations import Degradation
 
 
 @dataclass(frozen=True)
@@ -16,12 +17,25 @@ class DomainSpec:
     take: int | None = None
     scale: int | None = None
     notes: str = ""
+    # What this domain's archive did to its LR (a Degradation spec), or where to measure it; None:
+    # the run's (clipsr adapt --degradation / --degradation-from).
+    degradation: str | None = None
+    degradation_from: str | None = None
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> "DomainSpec":
+        if isinstance(doc, dict) and "degradation" in doc and "degradation_from" in doc:
+            raise ValueError(f"domain {doc.get('name')}: give degradation or degradation_from, not both")
         validate(doc, "domain-spec")
         ex = doc["exemplars"]
-        common = {"name": doc["name"], "scale": doc.get("scale"), "notes": doc.get("notes", "")}
+        degradation, source = doc.get("degradation"), doc.get("degradation_from")
+        if degradation is not None:
+            try:
+                degradation = Degradation.parse(degradation).label
+            except ValueError as e:
+                raise ValueError(f"domain {doc['name']}: {e}") from None
+        common = {"name": doc["name"], "scale": doc.get("scale"), "notes": doc.get("notes", ""),
+                  "degradation": degradation, "degradation_from": source and storage.absolute(source)}
         if isinstance(ex, list):
             return cls(exemplars=tuple(storage.absolute(u) for u in ex), **common)
         return cls(prefix=storage.absolute(ex["prefix"]), take=ex["take"], **common)

@@ -53,7 +53,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     how = p.add_mutually_exclusive_group()
     how.add_argument("--degradation", type=degradation_spec, default="clean", metavar="SPEC",
                      help="what the domains' archive did to its images after downscaling: clean (default), "
-                          "jpeg:Q or jpeg:Q1-Q2; the exemplars' LR is degraded the same way")
+                          "jpeg:Q or jpeg:Q1-Q2; the exemplars' LR is degraded the same way (every domain "
+                          "whose --spec entry names no degradation of its own)")
     how.add_argument("--degradation-from", metavar="URI",
                      help="measure it from a sample of the archive under URI (JPEG quality from the files' "
                           "quantisation tables): jpeg:Q at their median quality, or clean")
@@ -66,6 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     from clipsr import storage
     from clipsr.adapt.run import adapt_many, format_report, write_report
     from clipsr.adapt.settings import AdaptSettings
+    from clipsr.adapt.archive_degradation import with_archive_degradations
     from clipsr.adapt.spec import DomainSpec, load_specs
     from clipsr.provenance import utc_now
     from clipsr.adapt.progress import ProgressBoard
@@ -77,19 +79,10 @@ def _run(args: argparse.Namespace) -> int:
         specs += load_specs(args.spec)
     if not specs:
         raise ValueError("give at least one --domain NAME=DIR or a --spec file")
-    degradation, source = args.degradation, None
-    if args.degradation_from:
-        from clipsr.adapt.archive_degradation import measure
-
-        source = storage.absolute(args.degradation_from)
-        degradation, found = measure(source)
-        print(f"degradation measured from {source}: {degradation} ({found['with_quality']} of "
-              f"{found['sampled'] - found['unreadable']} sampled files show a JPEG quality"
-              + (f", {found['qualities'][0]} to {found['qualities'][-1]})" if found["qualities"] else ")"),
-              file=sys.stderr, flush=True)
+    specs = with_archive_degradations(specs, args.degradation, args.degradation_from,
+                                      lambda line: print(line, file=sys.stderr, flush=True))
     settings = AdaptSettings(steps=args.steps, budget_seconds=args.budget_seconds, seed=args.seed,
-                             patch_tries=args.patch_tries, precision=args.precision, degradation=degradation,
-                             degradation_from=source)
+                             patch_tries=args.patch_tries, precision=args.precision)
     if args.candidate:
         settings = dataclasses.replace(settings, candidates=tuple(args.candidate))
     encoder = {"arch": args.routing_encoder, "weights": args.routing_encoder_weights, "seed": 0}
