@@ -462,6 +462,10 @@ def test_adaptation_bench_scores_unseen_images_with_and_without_the_baseline(sou
     no_baseline = bench_adaptation(source, {"photos": str(folder)}, 3, 4, None, finetune_lr=0, threads=1)
     assert "finetuned" not in no_baseline["domains"]["photos"]
     assert no_baseline["domains"]["photos"]["source_psnr_y"] == row["source_psnr_y"]
+    # --batch reaches the training: fewer patches per step, another model
+    small = bench_adaptation(source, {"photos": str(folder)}, 3, 4, None, finetune_lr=0, threads=1, batch=2)
+    assert small["batch"] == 2 and no_baseline["batch"] == 12
+    assert small["domains"]["photos"]["adapted"]["psnr_y"] != no_baseline["domains"]["photos"]["adapted"]["psnr_y"]
 
 
 

@@ -48,15 +48,16 @@ def bench_adaptation(
     threads: int, seed: int = 0, patch_tries: int = AdaptSettings.patch_tries, device: str = "cpu",
     precision: str = AdaptSettings.precision, candidates: tuple[tuple[str, float], ...] = AdaptSettings.candidates,
     clip_weights: str | None = None, lr_patch: int | None = None, degradation: str = "clean",
+    batch: int = AdaptSettings.batch,
 ) -> dict[str, Any]:
     torch.set_num_threads(threads)
     jpeg = _scored_quality(degradation)
     settings = AdaptSettings(candidates=candidates, steps=steps, budget_seconds=budget_seconds, seed=seed,
                              patch_tries=patch_tries, device=device, precision=precision, lr_patch=lr_patch,
-                             degradation=degradation)
+                             degradation=degradation, batch=batch)
     out: dict[str, Any] = {"environment": environment(), "source": source, "shots": shots, "steps": steps,
                            "budget_seconds": budget_seconds, "threads": threads, "candidates": settings.candidates,
-                           "finetune_lr": finetune_lr, "patch_tries": patch_tries, "seed": seed, "device": device,
+                           "finetune_lr": finetune_lr, "patch_tries": patch_tries, "batch": batch, "seed": seed, "device": device,
                            "precision": resolve_precision(precision, device), "degradation": degradation,
                            "domains": {}}
     src_model, src_meta = load_checkpoint(source)

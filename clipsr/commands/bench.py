@@ -215,6 +215,8 @@ def _add_bench_adapt(benches: argparse._SubParsersAction) -> None:
                    help="adaptation's candidates, as for clipsr adapt (default: its defaults)")
     q.add_argument("--lr-patch", type=positive_int, default=None,
                    help="side of both trainings' LR patches (default: adaptation's, 32 px up to x8)")
+    q.add_argument("--batch", type=positive_int, default=AdaptSettings.batch,
+                   help=f"patches per step of both trainings (default {AdaptSettings.batch})")
     q.add_argument("--degradation", type=degradation_spec, default="clean", metavar="SPEC",
                    help="clean (default) or jpeg:Q: the exemplars degraded so for both trainings, and the unseen "
                         "images scored with their LR saved at that JPEG quality (as evaluate --jpeg Q)")
@@ -239,7 +241,7 @@ def _run_bench_adapt(args: argparse.Namespace) -> int:
                               patch_tries=args.patch_tries, device=args.device, precision=args.precision,
                               candidates=tuple(args.candidate or AdaptSettings.candidates),
                               clip_weights=args.clip_weights, lr_patch=args.lr_patch,
-                              degradation=args.degradation)
+                              degradation=args.degradation, batch=args.batch)
     write_json(args.out, result)
     print(f"written to {args.out}")
     return 0
