@@ -83,6 +83,19 @@ def test_adapt_records_the_degradation_it_measured(ray_local, tiny_checkpoint, t
     assert exc.value.code == 1
 
 
+def test_a_domain_whose_archive_was_not_measured_fails_rather_than_adapting_clean(tiny_checkpoint, tmp_path):
+    from clipsr.adapt.run import adapt_one
+    from clipsr.adapt.settings import AdaptSettings
+
+    for i in range(3):
+        storage.write_bytes_atomic(str(tmp_path / "ex" / f"{i}.png"), _encoded(_photo(i, 64), "PNG"))
+    spec = DomainSpec.from_dict({"name": "scans", "exemplars": {"prefix": str(tmp_path / "ex"), "take": 3},
+                                 "degradation_from": str(tmp_path / "archive")})
+    row = adapt_one(spec, tiny_checkpoint, AdaptSettings(steps=1), str(tmp_path / "registry"), {"arch": "route-stats"}, 1)
+    assert row["status"] == "failed" and "was not measured" in row["error"]
+    assert not (tmp_path / "registry").exists()
+
+
 def test_a_domain_spec_names_its_own_archive_or_degradation(tmp_path):
     spec = DomainSpec.from_dict({"name": "scans", "exemplars": ["a.png", "b.png"], "degradation": "jpeg:80-80"})
     assert (spec.degradation, spec.degradation_from) == ("jpeg:80", None)  # canonical, as recorded
@@ -100,10 +113,12 @@ def test_one_run_adapts_domains_of_different_archives(ray_local, tiny_checkpoint
         for i in range(3):
             storage.write_bytes_atomic(str(tmp_path / name / f"{i}.png"), _encoded(_photo(i, 64), "PNG"))
     for i in range(3):  # the scans' archive is JPEG at quality 50
-        storage.write_bytes_atomic(str(tmp_path / "archive" / f"{i}.jpg"), _encoded(_photo(i + 5, 24), "JPEG", quality=50))
+        storage.write_bytes_atomic(str(tmp_path / "archive" / f"{i}.jpg"),
+                                   _encoded(_photo(i + 5, 24), "JPEG", quality=50))
     spec.write_text(
         f"domains:\n"
-        f"  - {{name: scans, exemplars: {{prefix: '{tmp_path / 'scans'}', take: 3}}, degradation_from: '{tmp_path / 'archive'}'}}\n"
+        f"  - {{name: scans, exemplars: {{prefix: '{tmp_path / 'scans'}', take: 3}},"
+        f" degradation_from: '{tmp_path / 'archive'}'}}\n"
         f"  - {{name: photos, exemplars: {{prefix: '{tmp_path / 'photos'}', take: 3}}, degradation: 'jpeg:80'}}\n"
         f"  - {{name: plain, exemplars: {{prefix: '{tmp_path / 'plain'}', take: 3}}}}\n")
     assert main(["adapt", "--source-model", tiny_checkpoint, "--spec", str(spec), "--steps", "2", "--out", registry,

@@ -101,7 +101,8 @@ def test_the_descriptor_identity_changes_with_its_definition(monkeypatch):
 
 def test_drawings_and_facades_are_told_apart_from_their_downscales():
     shots = {"drawn": [drawing(s) for s in range(5)], "facades": [facade(s) for s in range(5)]}
-    domains = {n: dr.DomainRouting.from_entry({"routing": fit_domain([degrade(x, 2) for x in s], 2, {"arch": rd.ARCH})[0]})
+    domains = {n: dr.DomainRouting.from_entry({"routing": fit_domain([degrade(x, 2) for x in s], 2,
+                                                                     {"arch": rd.ARCH})[0]})
                for n, s in shots.items()}
     names = sorted(domains)
     for name, make in (("drawn", drawing), ("facades", facade)):

@@ -111,7 +111,10 @@ def adapt_one(
         # Recorded as it ran: "auto" precision resolved on this worker's hardware, the patch side at this scale.
         settings = dataclasses.replace(settings, precision=resolve_precision(settings.precision, settings.device),
                                        lr_patch=settings.patch_side(source.scale))
-        if spec.degradation is not None:  # the domain's own archive (resolved by the command)
+        if spec.degradation_from is not None and spec.degradation is None:
+            raise ValueError(f"domain {spec.name}: its archive {spec.degradation_from} was not measured "
+                             "(clipsr.adapt.archive_degradation.with_archive_degradations)")
+        if spec.degradation is not None:  # the domain's own archive, resolved before the run
             settings = dataclasses.replace(settings, degradation=spec.degradation,
                                            degradation_from=spec.degradation_from)
         result = adapt_domain(source, smeta, shots, settings, encoder, report)

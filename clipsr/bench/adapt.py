@@ -57,8 +57,8 @@ def bench_adaptation(
                              degradation=degradation, batch=batch)
     out: dict[str, Any] = {"environment": environment(), "source": source, "shots": shots, "steps": steps,
                            "budget_seconds": budget_seconds, "threads": threads, "candidates": settings.candidates,
-                           "finetune_lr": finetune_lr, "patch_tries": patch_tries, "batch": batch, "seed": seed, "device": device,
-                           "precision": resolve_precision(precision, device), "degradation": degradation,
+                           "finetune_lr": finetune_lr, "patch_tries": patch_tries, "batch": batch, "seed": seed,
+                           "device": device, "precision": resolve_precision(precision, device), "degradation": degradation,
                            "domains": {}}
     src_model, src_meta = load_checkpoint(source)
     out["lr_patch"] = settings.patch_side(src_model.scale)
