@@ -1,5 +1,5 @@
 """What a person sees: the messages of a refused start (and that it writes nothing), the failures
-named above the summary, single-file input, a quiet Ray, `registry show` and --help."""
+named above the summary, single-file input, a quiet Ray (pretraining's too), `registry show` and --help."""
 from __future__ import annotations
 
 import argparse
@@ -195,6 +195,32 @@ def test_a_run_names_its_failures_shows_plain_progress_and_keeps_ray_quiet(tmp_p
     ray_lines = log_file.read_text()
     assert "Started a local Ray instance" in ray_lines and "Ray's session logs" in ray_lines
     assert "has constructor arguments in the object store" in ray_lines  # Ray's native core, sent there too
+
+
+@pytest.mark.slow
+def test_pretrain_shows_its_step_lines_and_not_ray_trains_reports(tmp_path):
+    """The training worker's step lines are the progress; Ray Train's INFO lines (each report with
+    its metrics dict, the worker group, each checkpoint) stay off the console unless --verbose."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"{i}.png").write_bytes(_png(i, 40, 40))
+    env = {**os.environ, "CLIPSR_LOG_DIR": str(tmp_path / "logs"), "PYTHONPATH": str(ROOT)}
+    env.pop("RAY_ADDRESS", None)
+    sets = [f"storage_path={tmp_path / 'runs'}", f"data.train=[{data}]", "data.val={}", "model.arch=cdasr-tiny",
+            "model.scale=2", "batch.size=2", "batch.lr_patch=12", "optim.steps=4", "optim.warmup=1",
+            "checkpoint.every=2", "validation.log_every=2", "episodes.enabled=false",
+            "scaling.cpus_per_worker=1", "scaling.torch_threads=1"]
+    done = subprocess.run([sys.executable, "-m", "clipsr.cli", "pretrain", "--name", "quiet",
+                           *[a for kv in sets for a in ("--set", kv)]],
+                          env=env, capture_output=True, text=True, timeout=900)
+    console = done.stdout + done.stderr
+    assert done.returncode == 0, console
+    assert re.search(r"step 2/4 loss", console) and re.search(r"step 4/4 loss", console)
+    assert "pretrain: run quiet finished: model cdasr-tiny-x2-" in done.stdout
+    for noise in ("Reporting training result", "Requesting resources", "Started training worker group",
+                  "Checkpoint successfully created"):
+        assert noise not in console, noise
 
 
 def test_quiet_ray_output_goes_to_the_file_and_comes_back(tmp_path):

@@ -33,7 +33,7 @@ def _run(args: argparse.Namespace) -> int:
         overrides.append(f"storage_path={args.storage_path}")
     settings = load_settings(args.config, overrides)
     init_ray(quiet=not args.verbose, worker_output=True)  # the training loop's step lines come from worker 0
-    meta = pretrain(settings)
+    meta = pretrain(settings, verbose=args.verbose)
     ray_note = f"; Ray's log: {ray_log()}" if ray_log() else ""
     print(f"pretrain: run {settings['name']} finished: model {meta['id']} at {meta['uri']}{ray_note}")
     return 0

@@ -64,7 +64,17 @@ def _validate(ema_model, s: dict[str, Any], val_images: dict[str, list[np.ndarra
     }
 
 
-def train_loop_per_worker(s: dict[str, Any]) -> None:
+def follow_log_level(level: str) -> None:
+    """Ray Train 2.60 logs each report (its metrics and checkpoint) at INFO from a logger named after
+    its source file, outside ``ray.train``, where RunConfig's LoggingConfig does not reach: that
+    logger gets the run's level too, so a quiet console shows the step lines once, not twice."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(level)
+
+
+def train_loop_per_worker(s: dict[str, Any], ray_train_log_level: str = "INFO") -> None:
+    follow_log_level(ray_train_log_level)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     threads = s["scaling"]["torch_threads"] or max(1, math.ceil(s["scaling"]["cpus_per_worker"]))

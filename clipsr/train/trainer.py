@@ -1,12 +1,13 @@
 """The driver side of source pretraining: Ray Train set-up, run, and export of the final model."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Any
 
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from clipsr import storage
@@ -22,11 +23,16 @@ def run_dir(s: dict[str, Any]) -> str:
     return storage.join(s["storage_path"], s["name"])
 
 
-def build_trainer(s: dict[str, Any]) -> TorchTrainer:
+def build_trainer(s: dict[str, Any], verbose: bool = False) -> TorchTrainer:
+    """``verbose``: Ray Train's own INFO lines (resources, worker group, each report with its
+    metrics, each checkpoint) reach the console too. Otherwise only its warnings do: the rest goes
+    to its files under the Ray session's ``logs/train/``, but for each report's line, which repeats
+    the step line and is dropped (see ``follow_log_level``)."""
     sc = s["scaling"]
     fs, path = storage.pyarrow_filesystem(s["storage_path"])
+    level = "INFO" if verbose else "WARNING"
     return TorchTrainer(
-        train_loop_per_worker,
+        functools.partial(train_loop_per_worker, ray_train_log_level=level),
         train_loop_config=s,
         scaling_config=ScalingConfig(
             num_workers=sc["num_workers"], use_gpu=sc["use_gpu"],
@@ -39,6 +45,7 @@ def build_trainer(s: dict[str, Any]) -> TorchTrainer:
             storage_filesystem=fs,
             checkpoint_config=CheckpointConfig(num_to_keep=s["checkpoint"]["keep"]),
             failure_config=FailureConfig(max_failures=s["failure"]["max_failures"]),
+            logging_config=LoggingConfig(log_level=level),
         ),
     )
 
@@ -79,10 +86,10 @@ def export_model(s: dict[str, Any], checkpoint, metrics: dict[str, Any]) -> dict
     return meta
 
 
-def pretrain(s: dict[str, Any]) -> dict[str, Any]:
+def pretrain(s: dict[str, Any], verbose: bool = False) -> dict[str, Any]:
     """Train (or resume) the run ``s['name']`` under ``s['storage_path']`` and export its model."""
     prepare_embeddings(s)
-    result = build_trainer(s).fit()
+    result = build_trainer(s, verbose).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training produced no checkpoint (error: {result.error})")
     meta = export_model(s, result.checkpoint, result.metrics or {})
