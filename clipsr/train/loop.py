@@ -67,9 +67,12 @@ def _validate(ema_model, s: dict[str, Any], val_images: dict[str, list[np.ndarra
 def follow_log_level(level: str) -> None:
     """Ray Train 2.60 logs each report (its metrics and checkpoint) at INFO from a logger named after
     its source file, outside ``ray.train``, where RunConfig's LoggingConfig does not reach: that
-    logger gets the run's level too, so a quiet console shows the step lines once, not twice."""
-    from ray.train.v2._internal.execution import context
-
+    logger gets the run's level too, so a quiet console shows the step lines once, not twice. The
+    module is Ray's private one: where another Ray lacks it, the lines show and training goes on."""
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
     logging.getLogger(context.__file__).setLevel(level)
 
 
