@@ -1,2 +1,2 @@
 """clipsr: CLIP-aware domain-adaptive super-resolution."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"

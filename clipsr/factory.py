@@ -4,7 +4,9 @@ Architecture configs are data (``clipsr/model_configs/cdasr-*.json``). A model *
 command line takes it, is one of:
 
 - ``bicubic``: MATLAB-compatible bicubic interpolation (no parameters);
-- ``default`` / ``default-x4`` / ``default-x2``: the weights bundled with the package;
+- ``default`` / ``default-x4`` / ``default-x2``...: the weights bundled with the package; a
+  versioned name (``default-x4-v1``) pins one release of a bundled model, so that a nightly job
+  does not redo its archive when the package's default changes;
 - a registry reference ``REGISTRY/DOMAIN`` (that domain's current version) or
   ``REGISTRY/DOMAIN/vN`` (a given version), as written by ``clipsr adapt --out REGISTRY``;
 - a checkpoint path or URI (local, ``file://``, ``s3://``...);
@@ -39,12 +41,27 @@ from clipsr.provenance import code_revision, utc_now
 
 CONFIG_DIR = Path(__file__).parent / "model_configs"
 WEIGHTS_DIR = Path(__file__).parent / "weights"
-BUNDLED = {"default": "default-x4", "default-x4": "default-x4", "default-x2": "default-x2",
-           "default-x8": "default-x8", "default-x16": "default-x16", "default-x4-jpeg": "default-x4-jpeg"}
+#: Bundled names and the file (``clipsr/weights/<file>.safetensors``) each one loads. When a bundled
+#: model is replaced, the one it replaces stays under its versioned name.
+BUNDLED = {"default": "default-x4", "default-x4": "default-x4", "default-x4-v2": "default-x4",
+           "default-x4-v1": "default-x4-v1", "default-x2": "default-x2", "default-x8": "default-x8",
+           "default-x16": "default-x16", "default-x4-jpeg": "default-x4-jpeg"}
 #: The bundled model for JPEG-compressed inputs of a bundled model, which ``clipsr enhance`` pairs
 #: with it by default (``--jpeg-model auto``).
-BUNDLED_JPEG = {"default-x4": "default-x4-jpeg"}
+BUNDLED_JPEG = {"default-x4": "default-x4-jpeg", "default-x4-v1": "default-x4-jpeg"}
 SPANDREL_PREFIX = "spandrel:"
+
+
+@lru_cache(maxsize=None)
+def bundled_ids() -> dict[str, str]:
+    """Model id -> the bundled name that pins it (the longest of its names, a versioned one where
+    there is one), for every bundled file installed."""
+    out: dict[str, str] = {}
+    for name in sorted(BUNDLED, key=len):
+        path = WEIGHTS_DIR / f"{BUNDLED[name]}.safetensors"
+        if path.exists():
+            out[read_metadata(path.read_bytes())["id"]] = name
+    return out
 
 
 def scale_mismatch(meta: dict[str, Any], scale: int, flag: str = "--scale") -> str:
@@ -259,7 +276,10 @@ def _load_parent(meta: dict[str, Any], registry: str | None) -> tuple[Network, d
                     f"{uri} has sha256 {found}: the copy is damaged; restore it from the original file"
                 )
             return (*_from_file(data, uri, registry), uri)
-    return (*load_checkpoint_files(meta["parent_spec"]), meta["parent_spec"])
+    spec = meta["parent_spec"]
+    if parse_model_spec(spec)[0] == "bundled":  # adapted from a bundled model since replaced: its versioned name
+        spec = bundled_ids().get(meta["parent"]["id"], spec)
+    return (*load_checkpoint_files(spec), spec)
 
 
 def encode_checkpoint(

@@ -334,6 +334,32 @@ def test_a_registry_delta_without_a_source_copy_still_finds_its_source_by_path(s
     torch.testing.assert_close(loaded.adaptive.fusion.bias, model.adaptive.fusion.bias)
 
 
+def test_a_model_adapted_from_a_since_replaced_bundled_model_finds_it_under_its_versioned_name(tmp_path):
+    """A delta records its bundled source by name ("default"); when the package's default is
+    replaced, the model it was adapted from stays installed as default-x4-v1 and is found by id."""
+    from clipsr.factory import encode_checkpoint
+    from clipsr.models.checkpoint import CheckpointError
+
+    model, meta = load_checkpoint("default-x4-v1")
+    assert load_checkpoint("default")[1]["id"] != meta["id"]  # "default" names another model now
+    with torch.no_grad():
+        model.adaptive.fusion.bias.add_(0.1)
+    keys = model.adaptation_names("adaptive")
+    data, _ = encode_checkpoint(model, "cdasr-lite", parent={"id": meta["id"], "weights_sha256": meta["weights_sha256"]},
+                                parent_spec="default", delta_keys=keys)
+    (tmp_path / "adapted.safetensors").write_bytes(data)
+    loaded, _ = load_checkpoint(str(tmp_path / "adapted.safetensors"))
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+
+    # a source that no bundled file holds is still refused, as before
+    data, _ = encode_checkpoint(model, "cdasr-lite", parent={"id": "cdasr-lite-x4-000000000000",
+                                                             "weights_sha256": "0" * 64},
+                                parent_spec="default", delta_keys=keys)
+    (tmp_path / "orphan.safetensors").write_bytes(data)
+    with pytest.raises(CheckpointError, match="was adapted from cdasr-lite-x4-000000000000, but 'default' now holds"):
+        load_checkpoint(str(tmp_path / "orphan.safetensors"))
+
+
 def test_the_candidate_best_on_heldout_shots_is_trained_on_and_a_harmful_one_never_promoted(source):
     model, meta = load_checkpoint(source)
     shots = [np.asarray(Image.open(io.BytesIO(_png(i)))) for i in range(4)]
