@@ -3,6 +3,7 @@ which network ran and what quality was read; the pair is one model for increment
 from __future__ import annotations
 
 import io
+import logging
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -103,3 +104,33 @@ def test_the_bundled_model_sends_jpeg_inputs_to_its_jpeg_companion_by_default(ra
     assert main(["enhance", "--input", str(src), "--output", str(out), "--jpeg-model", "none"]) == 0
     assert {k: (r["model_id"], r["model_ran"]) for k, r in _rows(out).items()} == {
         "scan.jpg": (clean_id, clean_id), "drawing.png": (clean_id, clean_id)}
+
+
+@pytest.mark.slow
+def test_an_archive_made_by_a_replaced_bundled_model_is_redone_with_a_warning_naming_its_pin(
+        ray_local, tmp_path, capsys, caplog):
+    """After an upgrade that replaced the bundled default, every input is enhanced again; the run
+    says so before it starts, and names the versioned model that would keep the earlier outputs."""
+    src, out = tmp_path / "in", tmp_path / "out"
+    src.mkdir()
+    Image.fromarray(_photo(1)).save(src / "scan.jpg", quality=70)
+    Image.fromarray(_photo(3)).save(src / "drawing.png")
+    argv = ["enhance", "--input", str(src), "--output", str(out)]
+    assert main(argv + ["--model", "default-x4-v1"]) == 0, capsys.readouterr()
+    before = {r["model_id"] for r in _rows(out).values()}
+    capsys.readouterr()
+
+    def dry_run(*more: str) -> tuple[str, list[str]]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="clipsr.enhance.run"):
+            assert main(argv + [*more, "--dry-run"]) == 0
+        return capsys.readouterr().out, [r.getMessage() for r in caplog.records if "enhanced again" in r.getMessage()]
+
+    summary, warned = dry_run()
+    assert "would process 2" in summary
+    (old,) = before
+    assert len(warned) == 1 and warned[0].startswith(f"2 unchanged inputs are enhanced again: their output is from "
+                                                     f"model {old}, this run's is jpeg-pair-")
+    assert warned[0].endswith("; to keep the earlier model, run with --model default-x4-v1")
+    summary, warned = dry_run("--model", "default-x4-v1")
+    assert "would process 0" in summary and "skip 2" in summary and warned == []

@@ -40,10 +40,15 @@ def pair_ref(clean: ModelRef, jpeg: ModelRef, below: int) -> ModelRef:
         raise ValueError("--jpeg-model and --model use different CLIP encoders; they cannot share a run")
     if not 1 <= below <= 100:
         raise ValueError(f"--jpeg-below takes a quality in 1..100, got {below}")
-    pair_id = "jpeg-pair-" + hashlib.sha256(f"{clean.id}|{jpeg.id}|{below}".encode()).hexdigest()[:12]
+    pair_id = pair_model_id(clean.id, jpeg.id, below)
     spec = PREFIX + json.dumps({"id": pair_id, "clean": clean.spec, "jpeg": jpeg.spec, "below": below,
                                 "ids": {clean.spec: clean.id, jpeg.spec: jpeg.id}}, sort_keys=True)
     return replace(clean, spec=spec, id=pair_id)
+
+
+def pair_model_id(clean_id: str, jpeg_id: str, below: int) -> str:
+    """The id a run records for a pair: a change of either model or of the threshold is a new id."""
+    return "jpeg-pair-" + hashlib.sha256(f"{clean_id}|{jpeg_id}|{below}".encode()).hexdigest()[:12]
 
 
 def parse(spec: str) -> JpegPair | None:

@@ -61,6 +61,8 @@ class PlanCounts:
     carried: int = 0  # of the failed and unsupported: carried forward from an earlier run (not attempted)
     reasons: Counter = field(default_factory=Counter)  # first part of each of their reasons
     models: Counter = field(default_factory=Counter)  # model id -> inputs to process
+    #: (earlier model id, model id now) -> inputs to process only because their model changed
+    model_changed: Counter = field(default_factory=Counter)
 
 
 class PlanSink(Protocol):
@@ -326,6 +328,9 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
             continue
         counts.to_process += 1
         counts.models[route.model.id] += 1
+        if (prior.status == "ok" and prior.model_id not in (None, route.model.id)
+                and _same_content(size, etag, mtime_ms, prior)):
+            counts.model_changed[(prior.model_id, route.model.id)] += 1
         sink.process({"input_key": key, "input_uri": uri, "output_uri": output_uri,
                       "output_format": out_format, "input_size": size, "input_etag": etag,
                       "input_mtime_ms": mtime_ms, "scale": scale, "model_spec": route.model.spec,

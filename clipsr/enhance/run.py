@@ -138,6 +138,21 @@ def run_enhance(opts: EnhanceOptions, progress: TextIO | None = None, verbose: b
                          dry_run=opts.dry_run, named=notes.failures.lines())
 
 
+def _bundled_pins() -> dict[str, str]:
+    """Model id a run records -> the bundled name that brings it back: each bundled model's id, and
+    the id of its pair with the bundled JPEG model at the default ``--jpeg-below``."""
+    from clipsr.enhance.options import DEFAULT_JPEG_BELOW
+    from clipsr.factory import BUNDLED, BUNDLED_JPEG, bundled_ids  # imports torch
+
+    pins = bundled_ids()
+    by_name = {name: model_id for model_id, name in pins.items()}
+    for model_id, name in list(pins.items()):
+        jpeg = BUNDLED_JPEG.get(BUNDLED[name])
+        if jpeg in by_name:
+            pins[jpeg_route.pair_model_id(model_id, by_name[jpeg], DEFAULT_JPEG_BELOW)] = name
+    return pins
+
+
 def _source_model(opts: EnhanceOptions) -> tuple[ModelRef, float | None]:
     """``--model`` as the run records it, and the strength left for the router's domain models.
 
@@ -195,8 +210,20 @@ def _plan(db: sqlite3.Connection, opts: EnhanceOptions, layout: RunLayout, route
     inputs = [source.file] if source.file else iter_inputs(layout.input, [], opts.limit)
     listed = plan.load_listing(db, inputs, opts.format, opts.max_input_bytes)
     log.info("listed %d input keys, %d outputs; index holds %d keys", listed, outputs, loaded)
-    return plan.decide(db, layout, router, scale, opts.format, sink, retry_failed=opts.retry_failed,
-                       settings=opts.output_settings())
+    counts = plan.decide(db, layout, router, scale, opts.format, sink, retry_failed=opts.retry_failed,
+                         settings=opts.output_settings())
+    _warn_model_changed(counts.model_changed)
+    return counts
+
+
+def _warn_model_changed(changed: Counter) -> None:
+    """Name the inputs redone only because their model is not the one that made their output:
+    after an upgrade that replaced a bundled model, the versioned name keeps the earlier one."""
+    pins = _bundled_pins() if changed else {}
+    for (before, now), n in changed.most_common():
+        pin = f"; to keep the earlier model, run with --model {pins[before]}" if before in pins else ""
+        log.warning("%d unchanged inputs are enhanced again: their output is from model %s, this run's is %s%s",
+                    n, before, now, pin)
 
 
 class _NamingSink:
