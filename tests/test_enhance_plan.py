@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import sqlite3
+from collections import Counter
 
 import pytest
 
@@ -285,3 +287,16 @@ def test_plan_parts_are_read_back_in_groups_that_keep_every_row_once(tmp_path):
     assert table.column("input_key").to_pylist() == [f"{p}/{i:02d}.png" for p in range(2) for i in range(25)]
     regrouped = R.group(table, lengths)
     assert R.ungroup(regrouped.slice(3, 2), R.PLAN)[1] == lengths[3:5]
+
+
+def test_a_run_names_its_largest_changes_of_model_and_counts_the_rest(caplog):
+    """After many domains changed version, the console gets a few lines before the run, not one per domain."""
+    from clipsr.enhance.run import _warn_model_changed  # imports Ray
+
+    changed = Counter({(f"old-{i}", f"new-{i}"): 10 - i for i in range(7)})
+    with caplog.at_level(logging.WARNING, logger="clipsr.enhance.run"):
+        _warn_model_changed(changed)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[:5] == [f"{10 - i} unchanged inputs are enhanced again: their output is from model old-{i}, "
+                         f"this run's is new-{i}" for i in range(5)]
+    assert lines[5:] == ["9 more unchanged inputs are enhanced again, under 2 other changes of model"]

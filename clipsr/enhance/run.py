@@ -220,10 +220,19 @@ def _warn_model_changed(changed: Counter) -> None:
     """Name the inputs redone only because their model is not the one that made their output:
     after an upgrade that replaced a bundled model, the versioned name keeps the earlier one."""
     pins = _bundled_pins() if changed else {}
-    for (before, now), n in changed.most_common():
+    ranked = changed.most_common()
+    for (before, now), n in ranked[:_MODEL_CHANGES_NAMED]:
         pin = f"; to keep the earlier model, run with --model {pins[before]}" if before in pins else ""
         log.warning("%d unchanged inputs are enhanced again: their output is from model %s, this run's is %s%s",
                     n, before, now, pin)
+    if len(ranked) > _MODEL_CHANGES_NAMED:
+        rest = ranked[_MODEL_CHANGES_NAMED:]
+        log.warning("%d more unchanged inputs are enhanced again, under %d other changes of model",
+                    sum(n for _, n in rest), len(rest))
+
+
+#: Changes of model named one per line before a run (the most inputs first); the rest in one line.
+_MODEL_CHANGES_NAMED = 5
 
 
 class _NamingSink:
