@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -52,16 +53,43 @@ BUNDLED_JPEG = {"default-x4": "default-x4-jpeg", "default-x4-v1": "default-x4-jp
 SPANDREL_PREFIX = "spandrel:"
 
 
+#: A bundled name that names one release of a model (``default-x4-v1``), not whatever is bundled now.
+_VERSIONED = re.compile(r"-v[0-9]+$")
+
+
+def pin_name(file: str) -> str:
+    """The bundled name that keeps loading this bundled file's model after a later release replaces
+    it: its versioned name, or the file's own name for a model that has none."""
+    return next((n for n, f in BUNDLED.items() if f == file and _VERSIONED.search(n)), file)
+
+
+def bundled_file_ids() -> dict[str, str]:
+    """Bundled file -> the id of the model it holds, for each one installed (read from the headers;
+    a file that cannot be read is left out, to fail only where it is loaded)."""
+    return dict(_bundled_file_ids())
+
+
 @lru_cache(maxsize=None)
+def _bundled_file_ids() -> tuple[tuple[str, str], ...]:
+    out = []
+    for file in sorted(set(BUNDLED.values())):
+        try:
+            with open(WEIGHTS_DIR / f"{file}.safetensors", "rb") as f:
+                head = f.read(8)
+                size = int.from_bytes(head, "little") if len(head) == 8 else 0
+                out.append((file, read_metadata(head + f.read(min(size, _MAX_HEADER)))["id"]))
+        except (OSError, CheckpointError):
+            continue
+    return tuple(out)
+
+
+#: Bytes of a safetensors header read at most (clipsr's headers are a few KB).
+_MAX_HEADER = 1 << 24
+
+
 def bundled_ids() -> dict[str, str]:
-    """Model id -> the bundled name that pins it (the longest of its names, a versioned one where
-    there is one), for every bundled file installed."""
-    out: dict[str, str] = {}
-    for name in sorted(BUNDLED, key=len):
-        path = WEIGHTS_DIR / f"{BUNDLED[name]}.safetensors"
-        if path.exists():
-            out[read_metadata(path.read_bytes())["id"]] = name
-    return out
+    """Model id -> the bundled name that pins it (:func:`pin_name`), for every bundled file installed."""
+    return {model_id: pin_name(file) for file, model_id in _bundled_file_ids()}
 
 
 def scale_mismatch(meta: dict[str, Any], scale: int, flag: str = "--scale") -> str:

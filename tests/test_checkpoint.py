@@ -1,5 +1,6 @@
 """Checkpoints: safe to load, self-describing, and refused when they do not fit."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -82,3 +83,25 @@ def test_upscaler_from_checkpoint_runs_rgb_and_grey(tiny_ckpt):
     desc = up.describe()
     assert desc["id"] == meta["id"] and desc["scale"] == 2 and 0 < desc["params"]
     json.dumps(desc)
+
+
+def test_bundled_models_are_known_by_id_under_the_name_that_pins_them(tmp_path, monkeypatch):
+    """A replaced default keeps its versioned name; a bundled file that cannot be read is left out
+    of the lookup, to fail only where it is loaded."""
+    from clipsr import factory
+
+    ids = factory.bundled_ids()
+    assert ids[factory.read_model_metadata("default")["id"]] == "default-x4-v2"
+    assert ids[factory.read_model_metadata("default-x4-v1")["id"]] == "default-x4-v1"
+    assert ids[factory.read_model_metadata("default-x4-jpeg")["id"]] == "default-x4-jpeg"
+    assert len(ids) == len(set(factory.BUNDLED.values()))
+
+    for file in ("default-x4", "default-x4-v1"):
+        shutil.copy(factory.WEIGHTS_DIR / f"{file}.safetensors", tmp_path)
+    (tmp_path / "default-x2.safetensors").write_bytes(b"version https://git-lfs.github.com/spec/v1\n")
+    monkeypatch.setattr(factory, "WEIGHTS_DIR", tmp_path)
+    factory._bundled_file_ids.cache_clear()
+    try:
+        assert set(factory.bundled_file_ids()) == {"default-x4", "default-x4-v1"}
+    finally:
+        factory._bundled_file_ids.cache_clear()

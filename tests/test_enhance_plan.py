@@ -175,20 +175,25 @@ def test_colliding_outputs_fail_every_input_after_the_first_in_sorted_order():
 
 
 def test_unchanged_inputs_are_skipped_and_any_change_reprocesses():
-    objects = [_obj(k) for k in ("same.png", "etag.png", "size.png", "model.png", "gone.png", "outsize.png", "new.png")]
+    keys = ("same.png", "etag.png", "size.png", "model.png", "gone.png", "outsize.png", "new.png", "model-gone.png")
+    objects = [_obj(k) for k in keys]
     objects[1] = _obj("etag.png", etag="e2")
     objects[2] = _obj("size.png", size=11)
     rows = [_index_row("same.png"), _index_row("etag.png"), _index_row("size.png"),
-            _index_row("model.png", model="other-model"), _index_row("gone.png"), _index_row("outsize.png")]
+            _index_row("model.png", model="other-model"), _index_row("gone.png"), _index_row("outsize.png"),
+            _index_row("model-gone.png", model="other-model")]
     outputs = [_out(k) for k in ("same.png", "etag.png", "size.png", "model.png", "outsize.png")]
-    outputs[-1] = _out("outsize.png", size=5)
+    outputs[4] = _out("outsize.png", size=5)
     counts, sink = _decide(objects, index_rows=rows, outputs=outputs)
     assert [r["input_key"] for r in sink.recorded] == ["same.png"]
     skipped = sink.recorded[0]
     assert skipped["status"] == "skipped" and skipped["previous_run_id"] == "20261101T000000Z-000000"
     assert skipped["error"].startswith("unchanged since run 20261101T000000Z-000000: same size, ETag")
     assert sorted(r["input_key"] for r in sink.processed) == sorted(
-        ["etag.png", "size.png", "model.png", "gone.png", "outsize.png", "new.png"])
+        ["etag.png", "size.png", "model.png", "gone.png", "outsize.png", "new.png", "model-gone.png"])
+    # what a run names before it starts: only the input that its model alone sends back (a pin
+    # would not save model-gone.png, whose output is missing)
+    assert counts.model_changed == {("other-model", MODEL.id): 1}
 
 
 def test_without_etags_the_mtime_decides():

@@ -50,7 +50,7 @@ from clipsr.enhance.layout import RunLayout, new_run_id
 from clipsr.enhance.listing import InputSource, iter_inputs, refuse_file, resolve_input
 from clipsr.enhance.lock import RunLock, require_conditional_store
 from clipsr.enhance.manifest import ManifestWriter
-from clipsr.enhance.options import EnhanceOptions
+from clipsr.enhance.options import DEFAULT_JPEG_BELOW, EnhanceOptions
 from clipsr.enhance import jpeg_route
 from clipsr.enhance.routing import ModelRef, Router, at_strength, build_router, resolve_model
 
@@ -138,18 +138,19 @@ def run_enhance(opts: EnhanceOptions, progress: TextIO | None = None, verbose: b
                          dry_run=opts.dry_run, named=notes.failures.lines())
 
 
-def _bundled_pins() -> dict[str, str]:
-    """Model id a run records -> the bundled name that brings it back: each bundled model's id, and
-    the id of its pair with the bundled JPEG model at the default ``--jpeg-below``."""
-    from clipsr.enhance.options import DEFAULT_JPEG_BELOW
-    from clipsr.factory import BUNDLED, BUNDLED_JPEG, bundled_ids  # imports torch
+def _bundled_pins(jpeg_below: int) -> dict[str, str]:
+    """Model id a run records -> the options that bring that model back: a bundled model's own id
+    (with ``--jpeg-model none`` where it has a JPEG companion that would pair it), and the id of its
+    pair with that companion at this run's ``--jpeg-below``."""
+    from clipsr.factory import BUNDLED_JPEG, bundled_file_ids, pin_name  # imports torch
 
-    pins = bundled_ids()
-    by_name = {name: model_id for model_id, name in pins.items()}
-    for model_id, name in list(pins.items()):
-        jpeg = BUNDLED_JPEG.get(BUNDLED[name])
-        if jpeg in by_name:
-            pins[jpeg_route.pair_model_id(model_id, by_name[jpeg], DEFAULT_JPEG_BELOW)] = name
+    files = bundled_file_ids()
+    pins = {}
+    for file, model_id in files.items():
+        jpeg = BUNDLED_JPEG.get(file)
+        pins[model_id] = f"--model {pin_name(file)}" + (" --jpeg-model none" if jpeg else "")
+        if jpeg in files:
+            pins[jpeg_route.pair_model_id(model_id, files[jpeg], jpeg_below)] = f"--model {pin_name(file)}"
     return pins
 
 
@@ -212,17 +213,17 @@ def _plan(db: sqlite3.Connection, opts: EnhanceOptions, layout: RunLayout, route
     log.info("listed %d input keys, %d outputs; index holds %d keys", listed, outputs, loaded)
     counts = plan.decide(db, layout, router, scale, opts.format, sink, retry_failed=opts.retry_failed,
                          settings=opts.output_settings())
-    _warn_model_changed(counts.model_changed)
+    _warn_model_changed(counts.model_changed, opts.jpeg_below)
     return counts
 
 
-def _warn_model_changed(changed: Counter) -> None:
+def _warn_model_changed(changed: Counter, jpeg_below: int = DEFAULT_JPEG_BELOW) -> None:
     """Name the inputs redone only because their model is not the one that made their output:
     after an upgrade that replaced a bundled model, the versioned name keeps the earlier one."""
-    pins = _bundled_pins() if changed else {}
+    pins = _bundled_pins(jpeg_below) if changed else {}
     ranked = changed.most_common()
     for (before, now), n in ranked[:_MODEL_CHANGES_NAMED]:
-        pin = f"; to keep the earlier model, run with --model {pins[before]}" if before in pins else ""
+        pin = f"; to keep the earlier model, run with {pins[before]}" if before in pins else ""
         log.warning("%d unchanged inputs are enhanced again: their output is from model %s, this run's is %s%s",
                     n, before, now, pin)
     if len(ranked) > _MODEL_CHANGES_NAMED:
