@@ -199,7 +199,7 @@ def _at_strength(spec: str, model: Network, meta: dict[str, Any], strength: floa
     """An adapted model toned down towards its source; the metadata records the strength. A model
     without a source (not adapted) is refused below strength 1."""
     strength = check_strength(strength)
-    if meta.get("parent") is None:
+    if not is_adapted(meta):
         if strength != 1.0:
             raise CheckpointError(f"model {meta['id']} has no source model to interpolate from: --strength "
                                   "below 1 applies to adapted models (a registry domain, or a checkpoint "
@@ -220,6 +220,12 @@ def _at_strength(spec: str, model: Network, meta: dict[str, Any], strength: floa
     meta["id"] = strength_id(meta["id"], strength)
     meta["weights_sha256"] = tensors_sha256(_weights(model))
     return model.eval(), meta
+
+
+def is_adapted(meta: dict[str, Any]) -> bool:
+    """Written by ``clipsr adapt``: it names the source model it was adapted from. A pretrained
+    model's ``parent`` is only where its training started, not a source to tone it down towards."""
+    return meta.get("parent_spec") is not None or meta.get("kind") == "delta"
 
 
 def load_checkpoint_files(spec: str) -> tuple[Network, dict[str, Any], list[bytes]]:

@@ -155,6 +155,11 @@ def test_a_model_without_a_source_refuses_a_strength_below_one(adapted):
     source, delta, dmeta = adapted
     with pytest.raises(CheckpointError, match="no source model to interpolate from"):
         load_checkpoint(source, strength=0.5)
+    # the bundled default was trained from another model (its parent), not adapted from one
+    with pytest.raises(CheckpointError, match="no source model to interpolate from"):
+        load_checkpoint("default", strength=0.5)
+    with pytest.raises(ValueError, match="no source model to interpolate from"):
+        at_strength(resolve_model("default", None), 0.5)
     assert load_checkpoint(source, strength=1.0)[1]["id"] == resolve_model(source, None).id
     with pytest.raises(ValueError, match="no source model"):
         load_upscaler("bicubic", 2, strength=0.5)

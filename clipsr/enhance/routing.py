@@ -111,14 +111,14 @@ def resolve_model(spec: str, scale: int | None) -> ModelRef:
         if scale is None:
             raise ValueError("--model bicubic needs --scale")
         return ModelRef(spec="bicubic", id="bicubic", scale=scale)
-    from clipsr.factory import read_model_metadata, scale_mismatch  # imports torch: kept out of the light task workers
+    from clipsr.factory import is_adapted, read_model_metadata, scale_mismatch  # imports torch: not in light tasks
     from clipsr.models.checkpoint import CheckpointError
 
     meta = read_model_metadata(spec)
     if scale is not None and scale != meta["scale"]:
         raise CheckpointError(scale_mismatch(meta, scale))
     return ModelRef(spec=spec, id=meta["id"], scale=int(meta["scale"]),
-                    clip_encoder=describe_encoder(meta.get("clip_encoder")), adapted=meta.get("parent") is not None)
+                    clip_encoder=describe_encoder(meta.get("clip_encoder")), adapted=is_adapted(meta))
 
 
 def resolve_domain(registry: str | None, domain: str) -> ModelRef:
