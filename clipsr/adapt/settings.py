@@ -3,12 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: Measured on the bundled x4 model (docs/benchmarks.md): on a CPU budget the adaptive+bias scope
-#: barely moves the held-out score, so every weight is tuned; with the warm-up and the cosine decay
-#: 2e-3 gained more on unseen urban100 images than 1e-3 or 3e-4. One candidate by default: given
-#: 1e-3 and 2e-3, the short probe preferred 1e-3 on urban100 with both seeds tried (a tuned model
-#: first loses a little, more so at a higher rate), while 2e-3 ended higher, so probing both spent
-#: a quarter of the budget on a choice it got wrong. More candidates can be given to compare.
+#: Measured on the bundled x4 model of 0.1.0, default-x4-v1 (docs/benchmarks.md): on a CPU budget
+#: the adaptive+bias scope barely moves the held-out score, so every weight is tuned; with the
+#: warm-up and the cosine decay 2e-3 gained more on unseen urban100 images than 1e-3 or 3e-4. One
+#: candidate by default: given 1e-3 and 2e-3, the short probe preferred 1e-3 on urban100 with both
+#: seeds tried (a tuned model first loses a little, more so at a higher rate), while 2e-3 ended
+#: higher, so probing both spent a quarter of the budget on a choice it got wrong. More candidates
+#: can be given to compare.
 DEFAULT_CANDIDATES: tuple[tuple[str, float], ...] = (("all", 2e-3),)
 
 

@@ -11,8 +11,9 @@ if TYPE_CHECKING:
 
 DEFAULT_MAX_OUTPUT_PIXELS = 64_000_000
 #: JPEG inputs of this quality or lower go to --jpeg-model. Measured with the bundled pair
-#: (docs/benchmarks.md): the JPEG model gains over the clean one at q75 (+0.28 / +0.47 dB urban /
-#: manga) and q85 (+0.09 / +0.13), loses at q90 (-0.05 / -0.12): above 85, JPEG leaves too little to undo.
+#: (docs/benchmarks.md): the JPEG model gains over today's clean one at q75 (+0.25 / +0.42 dB urban /
+#: manga), ties at q85 (+0.02 / +0.01), loses at q90 (-0.15 / -0.30): above 85, JPEG leaves too
+#: little to undo.
 DEFAULT_JPEG_BELOW = 85
 # 256 MiB: above any uncompressed input (16-bit RGBA, 8 bytes a pixel) within the default pixel
 # limit at x2 (16 megapixels), far below what would strain a worker.
@@ -128,7 +129,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--route auto: below this similarity to the nearest domain, use --model (default: each "
                         "domain's threshold, calibrated from its exemplars when it was adapted)")
     p.add_argument("--model", default="default",
-                   help="model without a registry: default (bundled), bicubic, or a checkpoint path/URI")
+                   help="model without a registry: default (bundled; default-x4-v1, -v2... pin one release), bicubic, "
+                        "or a checkpoint path/URI")
     p.add_argument("--scale", type=int,
                    help="the model's upscaling factor: checked against the model (bicubic: the factor it runs "
                         "at); default: the model's. With --outscale, a model of another factor is accepted")
