@@ -64,7 +64,7 @@ def pin_name(file: str) -> str:
 
 
 def bundled_file_ids() -> dict[str, str]:
-    """Bundled file -> the id of the model it holds, for each one installed (read from the headers;
+    """Bundled file -> the id of the model it holds, for each one installed (read once per process;
     a file that cannot be read is left out, to fail only where it is loaded)."""
     return dict(_bundled_file_ids())
 
@@ -74,17 +74,10 @@ def _bundled_file_ids() -> tuple[tuple[str, str], ...]:
     out = []
     for file in sorted(set(BUNDLED.values())):
         try:
-            with open(WEIGHTS_DIR / f"{file}.safetensors", "rb") as f:
-                head = f.read(8)
-                size = int.from_bytes(head, "little") if len(head) == 8 else 0
-                out.append((file, read_metadata(head + f.read(min(size, _MAX_HEADER)))["id"]))
+            out.append((file, read_metadata((WEIGHTS_DIR / f"{file}.safetensors").read_bytes())["id"]))
         except (OSError, CheckpointError):
             continue
     return tuple(out)
-
-
-#: Bytes of a safetensors header read at most (clipsr's headers are a few KB).
-_MAX_HEADER = 1 << 24
 
 
 def bundled_ids() -> dict[str, str]:

@@ -28,7 +28,6 @@ Skipped, unsupported and failed rows go straight to the manifest from here.
 """
 from __future__ import annotations
 
-import functools
 import io
 import sqlite3
 from collections import Counter
@@ -244,11 +243,12 @@ def _same_content(size, etag, mtime_ms, prior: _Prior) -> bool:
     return same and size == prior.size
 
 
-def _unchanged(size, etag, mtime_ms, model_id: str | None, scale: int, output_uri: str, prior: _Prior, out_size,
-               settings: OutputSettings, fmt: str) -> bool:
+def _unchanged_but_model(size, etag, mtime_ms, scale: int, output_uri: str, prior: _Prior, out_size,
+                         settings: OutputSettings, fmt: str) -> bool:
+    """The index's ok row still describes this input and its output, whatever model made it."""
     if prior.status != "ok" or out_size is None or out_size != prior.output_size:
         return False
-    return (_same_content(size, etag, mtime_ms, prior) and prior.model_id == model_id
+    return (_same_content(size, etag, mtime_ms, prior)
             and prior.scale == scale and prior.output_uri == output_uri
             and settings.unchanged(prior.outscale, prior.max_long_edge, prior.quality, fmt))
 
@@ -321,9 +321,9 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
             _record(sink, counts, {**base, **_route_columns(route), **_carried_forward(prior)})
             continue
         out_format = output_format(out_key, fmt)
-        unchanged = functools.partial(_unchanged, size, etag, mtime_ms, scale=scale, output_uri=output_uri,
-                                      prior=prior, out_size=out_size, settings=settings, fmt=out_format)
-        if unchanged(route.model.id):
+        unchanged_but_model = _unchanged_but_model(size, etag, mtime_ms, scale, output_uri, prior, out_size, settings,
+                                                   out_format)
+        if unchanged_but_model and prior.model_id == route.model.id:
             what = "ETag" if etag and prior.etag else "mtime"
             _record(sink, counts, {**base, **_route_columns(route), "status": "skipped",
                                    "previous_run_id": prior.run_id,
@@ -332,7 +332,7 @@ def decide(db: sqlite3.Connection, layout: RunLayout, router: Router, scale: int
         counts.to_process += 1
         counts.models[route.model.id] += 1
         chosen_later = reroute is not None and embedding is None  # --route auto's chooser picks in the pipeline
-        if not chosen_later and prior.model_id is not None and unchanged(prior.model_id):
+        if unchanged_but_model and not chosen_later and prior.model_id is not None:
             counts.model_changed[(prior.model_id, route.model.id)] += 1  # redone only for its model
         sink.process({"input_key": key, "input_uri": uri, "output_uri": output_uri,
                       "output_format": out_format, "input_size": size, "input_etag": etag,
